@@ -1,0 +1,43 @@
+# One Makefile drives both CI and people. Every target bootstraps what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(shell command -v uv 2>/dev/null || echo $(TOOLS)/bin/uv)
+VENV := .venv
+BIN := $(VENV)/bin
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: install test lint proto demo bench clean
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(BIN)/.installed: pyproject.toml uv.lock package.json package-lock.json | $(UV)
+	$(UV) sync --frozen --all-extras --python $(PYTHON)
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
+install: $(BIN)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+test: lint
+	$(BIN)/pytest
+
+proto: install
+	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iworker/extract --python_out=worker/extract --mypy_out=worker/extract worker/extract/outputfile.proto
+
+demo: install
+	$(BIN)/worker demo
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) $(TOOLS) node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,61 @@
+"""Container-image Lambda entry point: ``lambda_entry.handler``.
+
+Routes by event shape: SQS batches go to the loader; anything else is answered
+with a clear, structured error (and logged at ERROR), never a crash.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from structlog.contextvars import bound_contextvars
+
+from worker.errors import UnsupportedEvent
+from worker.log import get_logger
+from worker.runtime import Runtime
+from worker.sqs_batch import handle_batch
+
+log = get_logger("lambda_entry")
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The container's runtime, built on the first invocation and kept warm."""
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime()
+    return _runtime
+
+
+def event_kind(event: Any) -> str:
+    if isinstance(event, dict):
+        records = event.get("Records")
+        if isinstance(records, list) and records and isinstance(records[0], dict):
+            return str(records[0].get("eventSource") or "unknown")
+        if "deliveryStreamArn" in event:
+            return "aws:firehose"
+    return "unknown"
+
+
+def handler(event: Any, context: Any) -> dict[str, Any]:
+    rt = runtime()
+    request_id = getattr(context, "aws_request_id", "local")
+    with bound_contextvars(aws_request_id=request_id):
+        kind = event_kind(event)
+        log.info("invocation_start", event_source=kind)
+        if kind == "aws:sqs":
+            remaining_ms = context.get_remaining_time_in_millis()
+            deadline = time.monotonic() + (remaining_ms - rt.settings.deadline_margin_ms) / 1000
+            return rt.run(_sqs(rt, event["Records"], deadline))
+        error = UnsupportedEvent(
+            f"no route for event source {kind!r}",
+            keys=sorted(event)[:10] if isinstance(event, dict) else type(event).__name__,
+        )
+        log.error("invocation_rejected", **error.as_log())
+        return {"error": error.reason, "message": error.message}
+
+
+async def _sqs(rt: Runtime, records: list[dict[str, Any]], deadline: float) -> dict[str, Any]:
+    report = await handle_batch(await rt.loader(), records, deadline=deadline)
+    return report.response()

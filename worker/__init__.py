@@ -1,0 +1,1 @@
+"""worker: an asyncio ingestion worker for AWS data pipelines."""

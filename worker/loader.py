@@ -1,0 +1,191 @@
+"""One S3 object end to end: download, decode, extract, convert, create tables, write.
+
+``Loader.load`` never raises a ``WorkerError``: it returns an ``ObjectSummary``
+whose ``error`` says why the object was not fully written. A table that fails
+(an invalid name, writes that ran out of attempts) does not stop the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from structlog.contextvars import bound_contextvars
+
+from worker.aws import Clients
+from worker.config import Settings
+from worker.errors import WorkerError
+from worker.extract import Extractor
+from worker.items import ItemBuilder, Origin
+from worker.log import elapsed_ms, get_logger
+from worker.messages import ObjectRef
+from worker.s3_reader import Limits, read_object
+from worker.tables import TableRegistry, table_name
+from worker.writer import BatchWriter
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class TableSummary:
+    table: str
+    rows: int = 0
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    numbers_as_strings: int = 0
+    nonfinite: int = 0
+    bytes: int = 0
+    ms: int = 0
+    requests: int = 0
+    retries: int = 0
+    throttled_requests: int = 0
+    unprocessed_items: int = 0
+    window: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class ObjectSummary:
+    uri: str
+    tables: list[TableSummary] = field(default_factory=list)
+    ms: int = 0
+    error: WorkerError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def rows_written(self) -> int:
+        return sum(t.written for t in self.tables)
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(sum(t.skipped.values()) for t in self.tables)
+
+
+class Loader:
+    """Holds the long-lived parts (clients, registry, window) that every object shares."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        clients: Clients,
+        *,
+        extractor: Extractor | None = None,
+        writer: BatchWriter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.clients = clients
+        self.extractor = extractor or Extractor.from_specs(
+            settings.output_file_message, settings.table_extract
+        )
+        self.registry = TableRegistry(
+            clients.dynamodb, active_timeout_s=settings.table_active_timeout_s
+        )
+        self.writer = writer or BatchWriter(clients.dynamodb_writes, settings.write)
+        self._limits = Limits(settings.max_object_bytes, settings.max_decoded_bytes)
+
+    async def load(self, ref: ObjectRef) -> ObjectSummary:
+        summary = ObjectSummary(uri=ref.uri)
+        start = time.perf_counter()
+        with bound_contextvars(bucket=ref.bucket, key=ref.key):
+            try:
+                await self._load(ref, summary)
+            except WorkerError as exc:
+                summary.error = exc
+            summary.ms = elapsed_ms(start)
+            self._log_summary(summary)
+        return summary
+
+    async def _load(self, ref: ObjectRef, summary: ObjectSummary) -> None:
+        start = time.perf_counter()
+        obj = await read_object(self.clients.s3, ref, self._limits)
+        log.info(
+            "object_downloaded",
+            bytes=obj.stored_bytes,
+            decoded_bytes=len(obj.data),
+            gzipped=obj.gzipped,
+            ms=elapsed_ms(start),
+        )
+        start = time.perf_counter()
+        tables = await asyncio.to_thread(self.extractor.extract, obj.data)
+        revision = obj.revision
+        del obj  # the raw bytes are not needed once decoded
+        log.info(
+            "object_decoded",
+            tables=len(tables),
+            rows=sum(len(rows) for rows in tables.values()),
+            ms=elapsed_ms(start),
+        )
+        work = []
+        while tables:  # hand each table's rows to its task alone, so they can be freed
+            work.append(tables.popitem())
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(
+                    self._load_table(Origin(ref.bucket, ref.key, revision, name), rows, summary)
+                )
+                for name, rows in reversed(work)
+            ]
+        del work
+        errors = [error for task in tasks if (error := task.result()) is not None]
+        if errors:  # a retry can cure a retryable error, so it decides the message's fate
+            raise next((e for e in errors if e.retriable), errors[0])
+
+    async def _load_table(
+        self, origin: Origin, rows: list[dict[str, Any]], summary: ObjectSummary
+    ) -> WorkerError | None:
+        result = TableSummary(table=origin.table, rows=len(rows))
+        summary.tables.append(result)
+        with bound_contextvars(source_table=origin.table):
+            try:
+                result.table = table_name(self.settings.schema_prefix, origin.table)
+                with bound_contextvars(table=result.table):
+                    await self._write_table(origin, rows, result)
+            except WorkerError as exc:
+                result.error = exc.reason
+                log.warning("table_failed", **exc.as_log())
+                return exc
+        return None
+
+    async def _write_table(
+        self, origin: Origin, rows: list[dict[str, Any]], result: TableSummary
+    ) -> None:
+        schema = await self.registry.ensure(result.table, rows[0] if rows else None)
+        builder = ItemBuilder(schema, self.settings.nan_policy, origin)
+        converted = await asyncio.to_thread(builder.convert, rows)
+        rows.clear()
+        result.skipped = dict(converted.skipped)
+        result.duplicates = converted.duplicates
+        result.numbers_as_strings = converted.numbers_as_strings
+        result.nonfinite = converted.nonfinite
+        result.bytes = converted.bytes
+        if converted.skipped:
+            log.warning("rows_skipped", counts=result.skipped, samples=converted.samples)
+        try:
+            stats = await self.writer.write(result.table, converted.items)
+        finally:
+            result.window = self.writer.window.limit
+        result.written = stats.written
+        result.ms = stats.ms
+        result.requests = stats.requests
+        result.retries = stats.retries
+        result.throttled_requests = stats.throttled_requests
+        result.unprocessed_items = stats.unprocessed_items
+        log.info("table_written", **{k: v for k, v in asdict(result).items() if k != "error"})
+
+    def _log_summary(self, summary: ObjectSummary) -> None:
+        fields = {
+            "tables": len(summary.tables),
+            "rows_written": summary.rows_written,
+            "rows_skipped": summary.rows_skipped,
+            "ms": summary.ms,
+        }
+        if summary.error is None:
+            log.info("object_loaded", **fields)
+        else:
+            log.error("object_failed", **fields, **summary.error.as_log())

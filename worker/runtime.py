@@ -1,0 +1,50 @@
+"""The container's single event loop (uvloop) and its long-lived loader.
+
+Lambda calls the handler synchronously, once per invocation, on the same
+thread. ``Runtime`` keeps one ``asyncio.Runner`` and one set of clients for the
+container's life, so warm invocations reuse connections, the table-schema
+cache and the write window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+
+from worker import log
+from worker.aws import Clients
+from worker.config import Settings
+from worker.loader import Loader
+
+T = TypeVar("T")
+
+
+class Runtime:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        log.configure(self.settings.log_level)
+        self._runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        self._clients: Clients | None = None
+        self._loader: Loader | None = None
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coroutine)
+
+    async def loader(self) -> Loader:
+        """The shared loader, opening the clients on first use."""
+        if self._loader is None:
+            clients = Clients(max_in_flight=self.settings.write.max_in_flight)
+            await clients.__aenter__()
+            self._clients = clients
+            self._loader = Loader(self.settings, clients)
+        return self._loader
+
+    def close(self) -> None:
+        """Close the clients and the loop; safe to call more than once."""
+        clients, self._clients, self._loader = self._clients, None, None
+        if clients is not None:
+            self._runner.run(clients.aclose())
+        self._runner.close()
