@@ -21,7 +21,7 @@ import math
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Context, Decimal
 from hashlib import blake2b
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ _INT_LIMIT = 10**38
 _FLOAT_MIN = 1e-130
 _FLOAT_MAX = 1e126  # exclusive: DynamoDB's largest is 9.9999999999999999999999999999999999999e125
 _ID_NAMESPACE = uuid.UUID("6f1d3c1e-7a55-4b7e-9b0a-1d2c3e4f5a6b")
+_EXACT = Context(prec=60)  # wide enough that normalizing a DynamoDB number never rounds it
 _NONFINITE_TEXT = {math.inf: "Infinity", -math.inf: "-Infinity"}
 MAX_SAMPLES = 3
 
@@ -246,8 +247,7 @@ class ItemBuilder:
         if not value.is_finite():
             text = "NaN" if value.is_nan() else ("Infinity" if value > 0 else "-Infinity")
             return self._nonfinite(text, in_list)
-        digits = len(value.normalize().as_tuple().digits)
-        if value.is_zero() or (digits <= 38 and _FLOAT_MIN <= abs(value) < _FLOAT_MAX):
+        if value.is_zero() or (_significant_digits(value) <= 38 and _FLOAT_MIN <= abs(value) < _FLOAT_MAX):
             return {"N": str(value)}
         self._result.numbers_as_strings += 1
         return {"S": str(value)}
@@ -264,9 +264,14 @@ class ItemBuilder:
 def _identity(attr: Attr) -> Any:
     """A key value as DynamoDB compares it: numbers by value ("3.0" is "3")."""
     ((kind, value),) = attr.items()
-    if kind == "N" and not value.isdigit():
-        return Decimal(value).normalize()
-    return value
+    if kind != "N":
+        return value
+    return int(value) if value.lstrip("-").isdigit() else Decimal(value).normalize(_EXACT)
+
+
+def _significant_digits(value: Decimal) -> int:
+    """Digits without leading or trailing zeros (``normalize`` would round to 28)."""
+    return len("".join(map(str, value.as_tuple().digits)).strip("0"))
 
 
 def _is_int_text(text: str) -> bool:

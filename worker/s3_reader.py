@@ -53,13 +53,16 @@ async def read_object(s3: S3Client, ref: ObjectRef, limits: Limits) -> S3Object:
         response = await s3.get_object(**params)  # type: ignore[arg-type]
         length = response["ContentLength"]
         if length > limits.max_object_bytes:
-            response["Body"].close()
+            response["Body"].close()  # refuse before downloading a byte of it
             raise ObjectTooLarge(
                 f"object is {length} bytes, over MAX_OBJECT_BYTES={limits.max_object_bytes}",
                 size=length,
             )
-        async with response["Body"] as body:
+        body = response["Body"]
+        try:
             data, gzipped = await _drain(body, limits)
+        finally:
+            body.close()
     except ClientError as exc:
         code = error_code(exc)
         if code in _UNAVAILABLE:

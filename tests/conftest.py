@@ -1,0 +1,174 @@
+"""Shared fixtures: moto's server over HTTP, dynalite, the fault proxy, clients."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from tests.fault_proxy import FaultProxy
+from worker.aws import Clients
+from worker.config import Settings, WriteSettings
+from worker.loader import Loader
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "input"
+_names = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test reads real credentials or config, nor talks to a real endpoint."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    empty = tmp_path_factory.mktemp("aws") / "empty"
+    empty.write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """Every structured log entry of the test, with its bound context variables."""
+    with capture_logs(processors=[merge_contextvars]) as entries:
+        yield entries
+
+
+def events(entries: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in entries if e["event"] == name]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def moto(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A reset moto, set as the endpoint of every service."""
+    request = urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    return moto_server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def dynalite_server() -> Iterator[str]:
+    binary = ROOT / "node_modules" / ".bin" / "dynalite"
+    node = shutil.which("node")
+    assert node and binary.exists(), "dynalite missing: run `make install`"
+    port = _free_port()
+    process = subprocess.Popen(
+        [str(binary), "--host", "127.0.0.1", "--port", str(port), "--createTableMs", "100"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("dynalite did not start") from None
+            time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(params=["moto", "dynalite"])
+def dynamodb(
+    request: pytest.FixtureRequest, moto: str, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """The DynamoDB endpoint under test: moto, or dynalite (which behaves as AWS does)."""
+    url = moto if request.param == "moto" else request.getfixturevalue("dynalite_server")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", url)
+    return url
+
+
+@pytest.fixture
+def proxy(dynamodb: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """The fault proxy in front of the DynamoDB under test, set as its endpoint."""
+    with FaultProxy(dynamodb) as fault_proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", fault_proxy.url)
+        yield fault_proxy
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A schema prefix unique to the test, so tests never share a table."""
+    return f"t{next(_names)}_{os.getpid()}"
+
+
+@pytest.fixture
+def settings(prefix: str) -> Settings:
+    return Settings(
+        schema_prefix=prefix,
+        write=WriteSettings(
+            max_in_flight=8, max_attempts=25, backoff_base_s=0.001, backoff_cap_s=0.02
+        ),
+        table_active_timeout_s=30,
+    )
+
+
+@pytest.fixture
+def s3(moto: str) -> Any:
+    client = boto3.client("s3", endpoint_url=moto)
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+@pytest.fixture
+def ddb(dynamodb: str) -> Any:
+    """A sync client on the DynamoDB under test itself (never through the proxy)."""
+    return boto3.client("dynamodb", endpoint_url=dynamodb)
+
+
+def scan(client: Any, table: str) -> list[dict[str, Any]]:
+    """Every item of ``table``, in wire form, following pagination."""
+    items: list[dict[str, Any]] = []
+    for page in client.get_paginator("scan").paginate(TableName=table):
+        items.extend(page["Items"])
+    return items
+
+
+@pytest.fixture
+async def clients(moto: str) -> AsyncIterator[Clients]:
+    async with Clients(max_in_flight=8) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def loader(settings: Settings, clients: Clients) -> Loader:
+    return Loader(settings, clients)

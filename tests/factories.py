@@ -1,0 +1,103 @@
+"""Builders for OutputFile objects and for SQS / Lambda events."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from worker.extract.outputfile_pb2 import OutputFile, Value
+
+_ids = itertools.count(1)
+
+
+def value(v: Any) -> Value:
+    if v is None:
+        return Value()
+    if isinstance(v, bool):
+        raise TypeError("the reference schema has no bool")
+    if isinstance(v, int):
+        return Value(int_value=v)
+    if isinstance(v, float):
+        return Value(float_value=v)
+    return Value(string_value=v)
+
+
+def output_file(*tables: tuple[str, list[str], list[list[Any]]], file_id: str = "f1") -> bytes:
+    """Serialize an OutputFile: each table is (name, columns, rows of values; None = unset)."""
+    message = OutputFile(file_id=file_id, source_uri="test://", created_at_ms=1_700_000_000_000)
+    for name, columns, rows in tables:
+        table = message.tables.add(name=name, columns=columns)
+        for row in rows:
+            table.rows.add(values=[value(v) for v in row])
+    return message.SerializeToString()
+
+
+def sqs_record(body: str | dict[str, Any], message_id: str | None = None) -> dict[str, Any]:
+    text = body if isinstance(body, str) else orjson.dumps(body).decode()
+    return {
+        "messageId": message_id or f"m-{next(_ids)}",
+        "receiptHandle": "rh",
+        "body": text,
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": {},
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:loader",
+        "awsRegion": "us-east-1",
+    }
+
+
+def sqs_event(*records: dict[str, Any]) -> dict[str, Any]:
+    return {"Records": list(records)}
+
+
+def plain_body(bucket: str, key: str) -> dict[str, Any]:
+    return {"bucket": bucket, "key": key}
+
+
+def s3_notification(bucket: str, *encoded_keys: str) -> dict[str, Any]:
+    return {
+        "Records": [
+            {
+                "eventVersion": "2.1",
+                "eventSource": "aws:s3",
+                "eventName": "ObjectCreated:Put",
+                "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}},
+            }
+            for key in encoded_keys
+        ]
+    }
+
+
+def sns_envelope(inner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "Type": "Notification",
+        "MessageId": "sns-1",
+        "TopicArn": "arn:aws:sns:us-east-1:123456789012:files",
+        "Message": orjson.dumps(inner).decode(),
+    }
+
+
+def eventbridge(bucket: str, key: str) -> dict[str, Any]:
+    return {
+        "version": "0",
+        "detail-type": "Object Created",
+        "source": "aws.s3",
+        "detail": {"bucket": {"name": bucket}, "object": {"key": key, "size": 1}},
+    }
+
+
+S3_TEST_EVENT = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "b"}
+
+
+@dataclass
+class LambdaContext:
+    """The two members of the Lambda context object the handler reads."""
+
+    remaining_ms: int = 300_000
+    aws_request_id: str = "req-1"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms

@@ -1,0 +1,152 @@
+"""A fault-injecting HTTP proxy in front of a DynamoDB endpoint (moto or dynalite).
+
+It behaves as DynamoDB does under load, which moto does not:
+- rejects BatchWriteItem requests DynamoDB would reject (over 25 items,
+  duplicate keys, items over 400 KB, non-finite or out-of-range numbers);
+- returns a configurable fraction of items as UnprocessedItems (only the rest
+  reach the upstream);
+- throttles a configurable fraction of whole requests;
+- optionally delays every request.
+It runs its own event loop in a thread, so sync and async tests can share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from tests.dynamo_rules import batch_problem
+
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+
+@dataclass
+class ProxyStats:
+    batch_requests: int = 0
+    items_received: int = 0
+    items_forwarded: int = 0
+    items_unprocessed: int = 0
+    throttled: int = 0
+    rejected: list[str] = field(default_factory=list)
+    max_batch: int = 0
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, seed: int = 7) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.unprocessed_fraction = 0.0
+        self.throttle_fraction = 0.0
+        self.latency_s = 0.0
+        self.stats = ProxyStats()
+        self.key_names: dict[str, list[str]] = {}
+        self._random = random.Random(seed)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fault proxy did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            self._session = session
+            self._ready.set()
+            await self._stop.wait()
+        await runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        target = request.headers.get("X-Amz-Target", "")
+        body = await request.read()
+        if target.endswith(".BatchWriteItem"):
+            return await self._batch_write(request, orjson.loads(body))
+        status, payload = await self._forward(request, body)
+        if target.endswith((".DescribeTable", ".CreateTable")) and status == 200:
+            self._learn_keys(orjson.loads(payload))
+        return web.Response(status=status, body=payload, content_type="application/x-amz-json-1.0")
+
+    async def _forward(self, request: web.Request, body: bytes) -> tuple[int, bytes]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        async with self._session.post(self.upstream + "/", data=body, headers=headers) as response:
+            return response.status, await response.read()
+
+    def _learn_keys(self, payload: dict[str, Any]) -> None:
+        table = payload.get("Table") or payload.get("TableDescription") or {}
+        if table.get("KeySchema"):
+            ordered = sorted(table["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
+            self.key_names[table["TableName"]] = [k["AttributeName"] for k in ordered]
+
+    async def _batch_write(self, request: web.Request, doc: dict[str, Any]) -> web.Response:
+        stats = self.stats
+        stats.batch_requests += 1
+        items = doc.get("RequestItems", {})
+        count = sum(len(r) for r in items.values())
+        stats.items_received += count
+        stats.max_batch = max(stats.max_batch, count)
+        problem = batch_problem(items, self.key_names)
+        if problem:
+            stats.rejected.append(problem)
+            return _error(400, "com.amazon.coral.validate#ValidationException", problem)
+        if self._random.random() < self.throttle_fraction:
+            stats.throttled += 1
+            return _error(
+                400,
+                "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+                "The level of configured provisioned throughput for the table was exceeded.",
+            )
+        kept: dict[str, list[Any]] = {}
+        unprocessed: dict[str, list[Any]] = {}
+        for table, requests in items.items():
+            for put in requests:
+                side = unprocessed if self._random.random() < self.unprocessed_fraction else kept
+                side.setdefault(table, []).append(put)
+        if kept:
+            forwarded = sum(len(r) for r in kept.values())
+            body = orjson.dumps({**doc, "RequestItems": kept})
+            status, payload = await self._forward(request, body)
+            if status != 200:
+                return web.Response(status=status, body=payload)
+            stats.items_forwarded += forwarded
+        stats.items_unprocessed += count - sum(len(r) for r in kept.values())
+        return web.Response(
+            body=orjson.dumps({"UnprocessedItems": unprocessed}),
+            content_type="application/x-amz-json-1.0",
+        )
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"__type": kind, "message": message}),
+        content_type="application/x-amz-json-1.0",
+    )

@@ -1,0 +1,194 @@
+"""``lambda_entry.handler`` on SQS events: partial batch responses (DESIGN §3.5, §3.6)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import lambda_entry
+from tests import factories as f
+from tests.conftest import BUCKET, events, scan
+from worker.config import Settings
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.usefixtures("dynamodb")
+Handler = Callable[..., dict[str, Any]]
+GOOD = f.output_file(("items", ["id", "v"], [["a", 1], ["b", 2]]))
+
+
+@pytest.fixture
+def make_handler(settings: Settings) -> Iterator[Callable[..., Handler]]:
+    """The real handler, on a runtime built from ``settings`` with any overrides."""
+    runtimes: list[Runtime] = []
+
+    def build(**overrides: Any) -> Handler:
+        runtime = Runtime(dataclasses.replace(settings, **overrides))
+        runtimes.append(runtime)
+        lambda_entry._runtime = runtime
+        return lambda_entry.handler
+
+    yield build
+    lambda_entry._runtime = None
+    for runtime in runtimes:
+        runtime.close()
+
+
+@pytest.fixture
+def handler(make_handler: Callable[..., Handler]) -> Handler:
+    return make_handler()
+
+
+def invoke(handler: Handler, *records: dict[str, Any], remaining_ms: int = 300_000) -> list[str]:
+    response = handler(f.sqs_event(*records), f.LambdaContext(remaining_ms))
+    return [failure["itemIdentifier"] for failure in response["batchItemFailures"]]
+
+
+def test_every_body_format_loads_its_objects(
+    handler: Handler, s3: Any, ddb: Any, prefix: str
+) -> None:
+    keys = ["plain.pb", "dir/with space+plus.pb", "sns.pb", "eb.pb", "multi1.pb", "multi2.pb"]
+    for index, key in enumerate(keys):
+        s3.put_object(
+            Bucket=BUCKET, Key=key, Body=f.output_file(("t", ["id"], [[f"row{index}"]]))
+        )
+    records = [
+        f.sqs_record(f.plain_body(BUCKET, "plain.pb")),
+        f.sqs_record(f.s3_notification(BUCKET, "dir/with+space%2Bplus.pb")),
+        f.sqs_record(f.sns_envelope(f.plain_body(BUCKET, "sns.pb"))),
+        f.sqs_record(f.eventbridge(BUCKET, "eb.pb")),
+        f.sqs_record(f.s3_notification(BUCKET, "multi1.pb", "multi2.pb")),
+        f.sqs_record(f.S3_TEST_EVENT),
+    ]
+    assert invoke(handler, *records) == []
+    rows = {i["id"]["S"] for i in scan(ddb, f"{prefix}_t")}
+    assert rows == {f"row{i}" for i in range(len(keys))}
+
+
+def test_replaying_the_same_event_leaves_item_counts_unchanged(
+    handler: Handler, s3: Any, ddb: Any, prefix: str
+) -> None:
+    s3.put_object(Bucket=BUCKET, Key="r.pb", Body=f.output_file(("r", ["v"], [[1], [2], [3]])))
+    record = f.sqs_record(f.plain_body(BUCKET, "r.pb"))
+    assert invoke(handler, record) == []
+    first = sorted(map(str, scan(ddb, f"{prefix}_r")))
+    assert invoke(handler, record) == []
+    assert sorted(map(str, scan(ddb, f"{prefix}_r"))) == first and len(first) == 3
+
+
+BAD_OBJECTS: dict[str, bytes] = {
+    "corrupt protobuf": b"\xff\xff\xff\xff",
+    "empty object": b"",
+    "gzip bomb": gzip.compress(b"\x00" * 3_000_000),
+    "truncated gzip": gzip.compress(GOOD)[:-12],
+    "over the size cap": b"\x0a" * 2_100_000,
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OBJECTS) + ["malformed json", "missing key", "no such key"])
+def test_bad_input_fails_only_its_message_and_logs_an_error_naming_it(
+    make_handler: Callable[..., Handler],
+    s3: Any,
+    ddb: Any,
+    prefix: str,
+    logs: list[dict[str, Any]],
+    case: str,
+) -> None:
+    handler = make_handler(max_object_bytes=2_000_000, max_decoded_bytes=2_000_000)
+    s3.put_object(Bucket=BUCKET, Key="good.pb", Body=GOOD)
+    bad_body: Any = f.plain_body(BUCKET, "bad.pb")
+    if case in BAD_OBJECTS:
+        s3.put_object(Bucket=BUCKET, Key="bad.pb", Body=BAD_OBJECTS[case])
+    elif case == "malformed json":
+        bad_body = '{"bucket": "input", "key": '
+    elif case == "missing key":
+        bad_body = {"bucket": BUCKET}
+    good, bad = f.sqs_record(f.plain_body(BUCKET, "good.pb")), f.sqs_record(bad_body)
+    assert invoke(handler, good, bad) == [bad["messageId"]]
+    assert {i["id"]["S"] for i in scan(ddb, f"{prefix}_items")} == {"a", "b"}
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert errors and all(e["message_id"] == bad["messageId"] for e in errors)
+    assert errors[0]["error"] and errors[0]["error_message"]
+    if case not in ("malformed json", "missing key"):
+        assert errors[0]["key"] == "bad.pb" and errors[0]["bucket"] == BUCKET
+
+
+def test_a_table_extract_that_raises_fails_the_message_as_permanent(
+    make_handler: Callable[..., Handler], s3: Any, logs: list[dict[str, Any]]
+) -> None:
+    handler = make_handler(table_extract="tests.plugins:explode")
+    s3.put_object(Bucket=BUCKET, Key="x.pb", Body=GOOD)
+    record = f.sqs_record(f.plain_body(BUCKET, "x.pb"))
+    assert invoke(handler, record) == [record["messageId"]]
+    (failed,) = events(logs, "object_failed")
+    assert failed["error"] == "extract_failed" and "boom" in failed["error_message"]
+    assert failed["retriable"] is False
+
+
+def test_a_custom_extract_plugin_is_used(
+    make_handler: Callable[..., Handler], s3: Any, ddb: Any, prefix: str
+) -> None:
+    handler = make_handler(table_extract="tests.plugins:upper_tables")
+    s3.put_object(Bucket=BUCKET, Key="x.pb", Body=GOOD)
+    assert invoke(handler, f.sqs_record(f.plain_body(BUCKET, "x.pb"))) == []
+    assert len(scan(ddb, f"{prefix}_ITEMS")) == 2
+
+
+def test_messages_not_started_before_the_deadline_are_reported_failed(
+    make_handler: Callable[..., Handler], s3: Any, logs: list[dict[str, Any]]
+) -> None:
+    handler = make_handler(deadline_margin_ms=10_000)
+    s3.put_object(Bucket=BUCKET, Key="good.pb", Body=GOOD)
+    records = [f.sqs_record(f.plain_body(BUCKET, "good.pb")) for _ in range(3)]
+    failed = invoke(handler, *records, remaining_ms=9_000)  # already inside the margin
+    assert failed == [r["messageId"] for r in records]
+    assert events(logs, "deadline_reached")
+
+
+def test_every_log_line_of_an_invocation_carries_the_request_id(
+    handler: Handler, s3: Any, logs: list[dict[str, Any]]
+) -> None:
+    s3.put_object(Bucket=BUCKET, Key="good.pb", Body=GOOD)
+    handler(f.sqs_event(f.sqs_record(f.plain_body(BUCKET, "good.pb"))), f.LambdaContext())
+    assert logs and all(e.get("aws_request_id") == "req-1" for e in logs)
+    assert {"invocation_start", "object_downloaded", "object_decoded", "table_written"} <= {
+        e["event"] for e in logs
+    }
+    (done,) = events(logs, "batch_done")
+    assert done["messages"] == 1 and done["rows_written"] == 2 and done["failed"] == 0
+
+
+def test_an_unknown_event_gets_a_clear_error_not_a_crash(
+    handler: Handler, logs: list[dict[str, Any]]
+) -> None:
+    response = handler({"hello": "world"}, f.LambdaContext())
+    assert response["error"] == "unsupported_event"
+    assert events(logs, "invocation_rejected")[0]["log_level"] == "error"
+
+
+def test_a_fifo_batch_fails_everything_after_its_first_failure(
+    handler: Handler, s3: Any
+) -> None:
+    s3.put_object(Bucket=BUCKET, Key="good.pb", Body=GOOD)
+    records = [
+        f.sqs_record(f.plain_body(BUCKET, "good.pb")),
+        f.sqs_record({"bucket": BUCKET}),
+        f.sqs_record(f.plain_body(BUCKET, "good.pb")),
+    ]
+    for record in records:
+        record["eventSourceARN"] += ".fifo"
+    assert invoke(handler, *records) == [r["messageId"] for r in records[1:]]
+
+
+def test_the_gzip_bomb_stops_at_the_decoded_cap_without_inflating_it_all() -> None:
+    from worker.errors import ObjectTooLarge
+    from worker.s3_reader import _Gunzip
+
+    bomb = gzip.compress(b"\x00" * 50_000_000)
+    out = bytearray()
+    with pytest.raises(ObjectTooLarge):
+        _Gunzip(1_000_000).feed(bomb, out)
+    assert len(out) <= 1_000_001
