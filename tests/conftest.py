@@ -11,7 +11,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import pytest
@@ -50,7 +50,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
 def logs() -> Iterator[list[dict[str, Any]]]:
     """Every structured log entry of the test, with its bound context variables."""
     with capture_logs(processors=[merge_contextvars]) as entries:
-        yield entries
+        yield cast(list[dict[str, Any]], entries)
 
 
 def events(entries: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -108,9 +108,7 @@ def dynalite_server() -> Iterator[str]:
 
 
 @pytest.fixture(params=["moto", "dynalite"])
-def dynamodb(
-    request: pytest.FixtureRequest, moto: str, monkeypatch: pytest.MonkeyPatch
-) -> str:
+def dynamodb(request: pytest.FixtureRequest, moto: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The DynamoDB endpoint under test: moto, or dynalite (which behaves as AWS does)."""
     url = moto if request.param == "moto" else request.getfixturevalue("dynalite_server")
     monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", url)

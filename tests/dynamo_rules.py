@@ -33,7 +33,7 @@ def number_problem(text: str) -> str | None:
 
 
 def value_size(attr: dict[str, Any]) -> int:
-    (kind, value), = attr.items()
+    ((kind, value),) = attr.items()
     if kind == "S":
         return len(value.encode())
     if kind == "N":
@@ -51,7 +51,7 @@ def value_size(attr: dict[str, Any]) -> int:
 def value_problem(attr: dict[str, Any]) -> str | None:
     if not isinstance(attr, dict) or len(attr) != 1:
         return f"{attr!r} is not one typed value"
-    (kind, value), = attr.items()
+    ((kind, value),) = attr.items()
     if kind == "N":
         return number_problem(value)
     if kind == "L":
@@ -67,7 +67,7 @@ def item_problem(item: dict[str, Any], key_names: list[str]) -> str | None:
     for name in key_names:
         if name not in item:
             return f"key attribute {name} is missing"
-        (kind, value), = item[name].items()
+        ((kind, value),) = item[name].items()
         if kind not in {"S", "N", "B"} or value in ("", b""):
             return f"key attribute {name} is empty or not scalar"
     size = sum(len(k.encode()) + value_size(v) for k, v in item.items())
@@ -79,12 +79,14 @@ def item_problem(item: dict[str, Any], key_names: list[str]) -> str | None:
 def key_of(item: dict[str, Any], key_names: list[str]) -> tuple[Any, ...]:
     parts = []
     for name in key_names:
-        (kind, value), = item[name].items()
+        ((kind, value),) = item[name].items()
         parts.append(Decimal(value).normalize(Context(prec=60)) if kind == "N" else value)
     return tuple(parts)
 
 
-def batch_problem(request_items: dict[str, list[dict[str, Any]]], keys: dict[str, list[str]]) -> str | None:
+def batch_problem(
+    request_items: dict[str, list[dict[str, Any]]], keys: dict[str, list[str]]
+) -> str | None:
     """Why DynamoDB would refuse this BatchWriteItem, or None."""
     total = sum(len(requests) for requests in request_items.values())
     if total > MAX_BATCH or total == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -26,7 +26,7 @@ def convert(rows: list[dict[str, Any]], schema: KeySchema = S_KEY, nan: NanPolic
 
 def only(rows: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
     (item,) = convert(rows, **kwargs).items
-    return item
+    return cast(dict[str, Any], item)
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,9 @@ values = st.recursive(
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=20)
     | st.binary(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 rows = st.lists(

@@ -52,9 +52,7 @@ def test_every_body_format_loads_its_objects(
 ) -> None:
     keys = ["plain.pb", "dir/with space+plus.pb", "sns.pb", "eb.pb", "multi1.pb", "multi2.pb"]
     for index, key in enumerate(keys):
-        s3.put_object(
-            Bucket=BUCKET, Key=key, Body=f.output_file(("t", ["id"], [[f"row{index}"]]))
-        )
+        s3.put_object(Bucket=BUCKET, Key=key, Body=f.output_file(("t", ["id"], [[f"row{index}"]])))
     records = [
         f.sqs_record(f.plain_body(BUCKET, "plain.pb")),
         f.sqs_record(f.s3_notification(BUCKET, "dir/with+space%2Bplus.pb")),
@@ -88,7 +86,7 @@ BAD_OBJECTS: dict[str, bytes] = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_OBJECTS) + ["malformed json", "missing key", "no such key"])
+@pytest.mark.parametrize("case", [*BAD_OBJECTS, "malformed json", "missing key", "no such key"])
 def test_bad_input_fails_only_its_message_and_logs_an_error_naming_it(
     make_handler: Callable[..., Handler],
     s3: Any,
@@ -169,9 +167,7 @@ def test_an_unknown_event_gets_a_clear_error_not_a_crash(
     assert events(logs, "invocation_rejected")[0]["log_level"] == "error"
 
 
-def test_a_fifo_batch_fails_everything_after_its_first_failure(
-    handler: Handler, s3: Any
-) -> None:
+def test_a_fifo_batch_fails_everything_after_its_first_failure(handler: Handler, s3: Any) -> None:
     s3.put_object(Bucket=BUCKET, Key="good.pb", Body=GOOD)
     records = [
         f.sqs_record(f.plain_body(BUCKET, "good.pb")),

@@ -74,9 +74,7 @@ async def test_an_existing_table_keeps_its_own_key_schema(
             {"AttributeName": "seq", "KeyType": "RANGE"},
         ],
     )
-    ddb.get_waiter("table_exists").wait(
-        TableName=f"{prefix}_events", WaiterConfig={"Delay": 0.1}
-    )
+    ddb.get_waiter("table_exists").wait(TableName=f"{prefix}_events", WaiterConfig={"Delay": 0.1})
     data = f.output_file(("events", ["pk", "seq", "id"], [["a", 1, "x"], ["a", 2, "y"]]))
     assert (await loader.load(put(s3, "e.pb", data))).ok
     items = scan(ddb, f"{prefix}_events")

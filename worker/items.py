@@ -247,7 +247,9 @@ class ItemBuilder:
         if not value.is_finite():
             text = "NaN" if value.is_nan() else ("Infinity" if value > 0 else "-Infinity")
             return self._nonfinite(text, in_list)
-        if value.is_zero() or (_significant_digits(value) <= 38 and _FLOAT_MIN <= abs(value) < _FLOAT_MAX):
+        if value.is_zero() or (
+            _significant_digits(value) <= 38 and _FLOAT_MIN <= abs(value) < _FLOAT_MAX
+        ):
             return {"N": str(value)}
         self._result.numbers_as_strings += 1
         return {"S": str(value)}

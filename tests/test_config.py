@@ -1,0 +1,61 @@
+"""Settings are read once from the environment, validated, and frozen (DESIGN §3.7)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from worker.config import ConfigError, Settings
+
+
+def test_defaults_apply_when_the_environment_is_empty() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.nan_policy == "null" and settings.write.max_in_flight == 32
+
+
+def test_every_variable_is_read() -> None:
+    settings = Settings.from_env(
+        {
+            "SCHEMA_PREFIX": "dev",
+            "OUTPUT_FILE_MESSAGE": "m:C",
+            "TABLE_EXTRACT": "m:f",
+            "NAN_POLICY": "String",
+            "MAX_IN_FLIGHT": "4",
+            "MAX_CONCURRENT_OBJECTS": "2",
+            "MAX_WRITE_ATTEMPTS": "3",
+            "MAX_OBJECT_BYTES": "100",
+            "MAX_DECODED_BYTES": "200",
+            "LOG_LEVEL": "debug",
+            "DEADLINE_MARGIN_MS": "0",
+        }
+    )
+    assert (settings.schema_prefix, settings.output_file_message, settings.table_extract) == (
+        "dev",
+        "m:C",
+        "m:f",
+    )
+    assert settings.nan_policy == "string" and settings.log_level == "DEBUG"
+    assert (settings.write.max_in_flight, settings.write.max_attempts) == (4, 3)
+    assert (settings.max_object_bytes, settings.max_decoded_bytes) == (100, 200)
+    assert settings.max_concurrent_objects == 2 and settings.deadline_margin_ms == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"NAN_POLICY": "zero"}, "NAN_POLICY"),
+        ({"MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
+        ({"MAX_WRITE_ATTEMPTS": "0"}, ">= 1"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ],
+)
+def test_a_bad_value_is_refused_with_its_name(env: dict[str, str], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        Settings.from_env(env)
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().schema_prefix = "x"  # type: ignore[misc]

@@ -1,0 +1,155 @@
+"""The batch writer under DynamoDB's real behaviour, through the fault proxy (DESIGN §3.4)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from tests import factories as f
+from tests.conftest import BUCKET, scan
+from tests.fault_proxy import FaultProxy
+from worker.aws import Clients
+from worker.config import Settings
+from worker.errors import WriteThrottled
+from worker.items import Item
+from worker.loader import Loader
+from worker.messages import ObjectRef
+from worker.writer import BatchWriter, Window
+
+
+def items(count: int, start: int = 0) -> list[Item]:
+    return [{"id": {"S": f"k{i}"}, "v": {"N": str(i)}} for i in range(start, start + count)]
+
+
+def create_table(name: str) -> None:
+    client = boto3.client("dynamodb")  # through whatever endpoint the test set: the proxy
+    client.create_table(
+        TableName=name,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+    )
+    client.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 0.1})
+
+
+async def test_under_30pct_unprocessed_and_10pct_throttles_every_row_lands_exactly_once(
+    proxy: FaultProxy, settings: Settings, clients: Clients, s3: Any, ddb: Any, prefix: str
+) -> None:
+    proxy.unprocessed_fraction, proxy.throttle_fraction = 0.3, 0.1
+    rows: list[list[Any]] = [[f"r{i}", i, float(i) / 7] for i in range(3000)]
+    s3.put_object(Bucket=BUCKET, Key="load.pb", Body=f.output_file(("t", ["id", "n", "x"], rows)))
+    summary = await Loader(settings, clients).load(ObjectRef(BUCKET, "load.pb"))
+    assert summary.ok, summary.error
+    assert proxy.stats.rejected == []
+    assert proxy.stats.max_batch <= 25
+    assert proxy.stats.items_forwarded == len(rows)  # each row reached DynamoDB once
+    assert proxy.stats.items_unprocessed > 0 and proxy.stats.throttled > 0
+    stored = scan(ddb, f"{prefix}_t")
+    assert sorted(i["id"]["S"] for i in stored) == sorted(r[0] for r in rows)
+    table = summary.tables[0]
+    assert table.retries > 0 and table.throttled_requests == proxy.stats.throttled
+
+
+async def test_the_window_shrinks_under_throttling_and_recovers_after(
+    proxy: FaultProxy, settings: Settings, clients: Clients, prefix: str
+) -> None:
+    create_table(f"{prefix}_w")
+    writer = BatchWriter(clients.dynamodb_writes, settings.write)
+    assert writer.window.limit == settings.write.max_in_flight
+    proxy.throttle_fraction = 0.6
+    await writer.write(f"{prefix}_w", items(1000))
+    shrunk = writer.window.smallest
+    assert shrunk < settings.write.max_in_flight and writer.window.decreases > 0
+    proxy.throttle_fraction = 0.0
+    await writer.write(f"{prefix}_w", items(5000, start=1000))
+    assert writer.window.limit == settings.write.max_in_flight > shrunk
+
+
+async def test_writes_that_stay_throttled_fail_as_retryable_after_max_attempts(
+    proxy: FaultProxy, settings: Settings, clients: Clients, prefix: str
+) -> None:
+    create_table(f"{prefix}_x")
+    proxy.throttle_fraction = 1.0
+    limited = dataclasses.replace(settings.write, max_attempts=3)
+    writer = BatchWriter(clients.dynamodb_writes, limited)
+    with pytest.raises(WriteThrottled) as caught:
+        await writer.write(f"{prefix}_x", items(30))
+    assert caught.value.retriable
+    assert proxy.stats.throttled == proxy.stats.batch_requests
+    assert writer.window.in_flight == 0  # every slot came back
+
+
+async def test_backoff_grows_exponentially_with_full_jitter(
+    proxy: FaultProxy, settings: Settings, clients: Clients, prefix: str
+) -> None:
+    create_table(f"{prefix}_b")
+    proxy.throttle_fraction = 1.0
+    sleeps: list[float] = []
+
+    async def record(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    write = dataclasses.replace(settings.write, max_attempts=5, backoff_cap_s=100.0)
+    writer = BatchWriter(clients.dynamodb_writes, write, sleep=record, jitter=lambda: 1.0)
+    with pytest.raises(WriteThrottled):
+        await writer.write(f"{prefix}_b", items(1))
+    base = write.backoff_base_s
+    assert sleeps == [base * 2, base * 4, base * 8, base * 16]
+
+
+def test_the_proxy_rejects_what_dynamodb_rejects(proxy: FaultProxy, prefix: str) -> None:
+    create_table(f"{prefix}_p")
+    client = boto3.client("dynamodb")
+    too_many = [{"PutRequest": {"Item": i}} for i in items(26)]
+    duplicate = [{"PutRequest": {"Item": i}} for i in items(1) * 2]
+    infinite = [{"PutRequest": {"Item": {"id": {"S": "a"}, "n": {"N": "Infinity"}}}}]
+    for requests in (too_many, duplicate, infinite):
+        with pytest.raises(ClientError) as caught:
+            client.batch_write_item(RequestItems={f"{prefix}_p": requests})
+        assert caught.value.response["Error"]["Code"] == "ValidationException"
+    assert len(proxy.stats.rejected) == 3
+
+
+async def test_a_cancelled_waiter_never_leaks_a_window_slot() -> None:
+    window = Window(1)
+    held = await window.acquire()
+    waiter = asyncio.create_task(window.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    held.release()
+    again = await asyncio.wait_for(window.acquire(), 1)
+    assert window.in_flight == 1
+    again.release()
+    assert window.in_flight == 0
+
+
+async def test_the_window_serves_waiters_first_come_first_served() -> None:
+    window = Window(1)
+    first = await window.acquire()
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        slot = await window.acquire()
+        order.append(name)
+        slot.release()
+
+    tasks = [asyncio.create_task(take(name)) for name in "abc"]
+    await asyncio.sleep(0)
+    first.release()
+    await asyncio.gather(*tasks)
+    assert order == ["a", "b", "c"]
+
+
+async def test_one_throttle_round_halves_the_window_only_once() -> None:
+    window = Window(16)
+    slots = [await window.acquire() for _ in range(8)]
+    for slot in slots:  # eight responses from the same round trip all say "throttled"
+        window.on_throttle(slot.epoch)
+    assert window.limit == 8 and window.decreases == 1
