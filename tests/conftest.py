@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -59,6 +60,7 @@ def events(entries: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="session")
 def moto_server() -> Iterator[str]:
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

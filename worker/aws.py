@@ -25,6 +25,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 if TYPE_CHECKING:
+    from worker.config import Settings
     from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
@@ -51,6 +52,10 @@ class Clients:
         self.sqs: SQSClient
         self.dynamodb: DynamoDBClient
         self.dynamodb_writes: DynamoDBClient
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Clients:
+        return cls(max_in_flight=settings.write.max_in_flight, region=settings.region)
 
     async def __aenter__(self) -> Self:
         if self._stack is not None:
@@ -93,6 +98,9 @@ TRANSIENT_EXCEPTIONS: tuple[type[BaseException], ...] = (
     aiohttp.ClientError,
     asyncio.TimeoutError,
 )
+
+# Any failure of an AWS call that the caller survives by logging and carrying on.
+AWS_FAILURES: tuple[type[BaseException], ...] = (ClientError, *TRANSIENT_EXCEPTIONS)
 
 THROTTLING_CODES = frozenset(
     {

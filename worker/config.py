@@ -52,9 +52,23 @@ class WriteSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class PollSettings:
+    """The ECS long poller (``worker poll``)."""
+
+    queue_url: str = ""
+    wait_s: int = 20
+    shutdown_grace_s: float = 25.0
+    retry_delay_s: int = 5
+    health_file: str = "/tmp/worker-health"
+    health_max_age_s: int = 90
+    summary_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Everything the worker reads from its environment, validated once."""
 
+    region: str | None = None
     schema_prefix: str = ""
     output_file_message: str = "worker.extract.outputfile_pb2:OutputFile"
     table_extract: str = "worker.extract.reference:processOutputData"
@@ -66,6 +80,7 @@ class Settings:
     deadline_margin_ms: int = 10_000
     table_active_timeout_s: float = 120.0
     write: WriteSettings = field(default_factory=WriteSettings)
+    poll: PollSettings = field(default_factory=PollSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -73,6 +88,7 @@ class Settings:
         default = cls()
         nan = _choice(env, "NAN_POLICY", default.nan_policy, get_args(NanPolicy))
         return cls(
+            region=(env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip() or None,
             schema_prefix=env.get("SCHEMA_PREFIX", default.schema_prefix).strip(),
             output_file_message=env.get("OUTPUT_FILE_MESSAGE", "").strip()
             or default.output_file_message,
@@ -92,5 +108,18 @@ class Settings:
             write=WriteSettings(
                 max_in_flight=_int(env, "MAX_IN_FLIGHT", default.write.max_in_flight),
                 max_attempts=_int(env, "MAX_WRITE_ATTEMPTS", default.write.max_attempts),
+            ),
+            poll=PollSettings(
+                queue_url=env.get("QUEUE_URL", "").strip(),
+                wait_s=_int(env, "POLL_WAIT_S", default.poll.wait_s, minimum=0),
+                shutdown_grace_s=_int(
+                    env, "SHUTDOWN_GRACE_S", int(default.poll.shutdown_grace_s), minimum=0
+                ),
+                retry_delay_s=_int(env, "RETRY_DELAY_S", default.poll.retry_delay_s, minimum=0),
+                health_file=env.get("HEALTH_FILE", "").strip() or default.poll.health_file,
+                health_max_age_s=_int(env, "HEALTH_MAX_AGE_S", default.poll.health_max_age_s),
+                summary_interval_s=_int(
+                    env, "SUMMARY_INTERVAL_S", int(default.poll.summary_interval_s)
+                ),
             ),
         )

@@ -8,20 +8,24 @@ whose ``error`` says why the object was not fully written. A table that fails
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from structlog.contextvars import bound_contextvars
 
 from worker.aws import Clients
 from worker.config import Settings
-from worker.errors import WorkerError
+from worker.errors import CorruptObject, ObjectUnavailable, WorkerError
 from worker.extract import Extractor
 from worker.items import ItemBuilder, Origin
 from worker.log import elapsed_ms, get_logger
 from worker.messages import ObjectRef
-from worker.s3_reader import Limits, read_object
+from worker.s3_reader import Limits, gunzip_if_needed, read_object
 from worker.tables import TableRegistry, table_name
 from worker.writer import BatchWriter
 
@@ -90,31 +94,63 @@ class Loader:
         self._limits = Limits(settings.max_object_bytes, settings.max_decoded_bytes)
 
     async def load(self, ref: ObjectRef) -> ObjectSummary:
-        summary = ObjectSummary(uri=ref.uri)
-        start = time.perf_counter()
+        """Load one S3 object."""
         with bound_contextvars(bucket=ref.bucket, key=ref.key):
-            try:
-                await self._load(ref, summary)
-            except WorkerError as exc:
-                summary.error = exc
-            summary.ms = elapsed_ms(start)
-            self._log_summary(summary)
+            return await self._summarize(ref.uri, self._load_s3(ref))
+
+    async def load_file(self, path: Path) -> ObjectSummary:
+        """Load one local file through the same pipeline (``worker load FILE``)."""
+        with bound_contextvars(file=str(path)):
+            return await self._summarize(str(path), self._load_path(path))
+
+    async def _summarize(
+        self, uri: str, work: Callable[[ObjectSummary], Awaitable[None]]
+    ) -> ObjectSummary:
+        summary = ObjectSummary(uri=uri)
+        start = time.perf_counter()
+        try:
+            await work(summary)
+        except WorkerError as exc:
+            summary.error = exc
+        summary.ms = elapsed_ms(start)
+        self._log_summary(summary)
         return summary
 
-    async def _load(self, ref: ObjectRef, summary: ObjectSummary) -> None:
+    def _load_s3(self, ref: ObjectRef) -> Callable[[ObjectSummary], Awaitable[None]]:
+        async def work(summary: ObjectSummary) -> None:
+            start = time.perf_counter()
+            obj = await read_object(self.clients.s3, ref, self._limits)
+            log.info(
+                "object_downloaded",
+                bytes=obj.stored_bytes,
+                decoded_bytes=len(obj.data),
+                gzipped=obj.gzipped,
+                ms=elapsed_ms(start),
+            )
+            source = Origin(ref.bucket, ref.key, obj.revision, "")
+            await self._load_data(source, obj.data, summary)
+
+        return work
+
+    def _load_path(self, path: Path) -> Callable[[ObjectSummary], Awaitable[None]]:
+        async def work(summary: ObjectSummary) -> None:
+            try:
+                raw, absolute = await asyncio.to_thread(_read_file, path)
+            except OSError as exc:
+                raise ObjectUnavailable(f"cannot read {path}: {exc.strerror}") from None
+            if not raw:
+                raise CorruptObject("file is empty")
+            data, _ = gunzip_if_needed(raw, self._limits)
+            revision = hashlib.sha256(raw).hexdigest()[:32]
+            source = Origin("file", absolute, revision, "")
+            await self._load_data(source, data, summary)
+
+        return work
+
+    async def _load_data(self, source: Origin, data: bytes, summary: ObjectSummary) -> None:
         start = time.perf_counter()
-        obj = await read_object(self.clients.s3, ref, self._limits)
-        log.info(
-            "object_downloaded",
-            bytes=obj.stored_bytes,
-            decoded_bytes=len(obj.data),
-            gzipped=obj.gzipped,
-            ms=elapsed_ms(start),
-        )
-        start = time.perf_counter()
-        tables = await asyncio.to_thread(self.extractor.extract, obj.data)
-        revision = obj.revision
-        del obj  # the raw bytes are not needed once decoded
+        tables = await asyncio.to_thread(self.extractor.extract, data)
+        del data  # the raw bytes are not needed once decoded
         log.info(
             "object_decoded",
             tables=len(tables),
@@ -127,7 +163,7 @@ class Loader:
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(
-                    self._load_table(Origin(ref.bucket, ref.key, revision, name), rows, summary)
+                    self._load_table(dataclasses.replace(source, table=name), rows, summary)
                 )
                 for name, rows in reversed(work)
             ]
@@ -189,3 +225,7 @@ class Loader:
             log.info("object_loaded", **fields)
         else:
             log.error("object_failed", **fields, **summary.error.as_log())
+
+
+def _read_file(path: Path) -> tuple[bytes, str]:
+    return path.read_bytes(), str(path.absolute())

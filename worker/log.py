@@ -10,17 +10,19 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import IO, TextIO
 
 import orjson
 import structlog
 
-_configured_level: str | None = None
+_configured: tuple[str, IO[bytes]] | None = None
 
 
-def configure(level: str = "INFO") -> None:
-    """Set up structlog once per process; later calls only change the level."""
-    global _configured_level
-    if _configured_level == level:
+def configure(level: str = "INFO", *, stream: TextIO | None = None) -> None:
+    """Set up structlog for this process: JSON lines on ``stream`` (stdout by default)."""
+    global _configured
+    out = (stream or sys.stdout).buffer
+    if _configured == (level, out):
         return
     structlog.configure(
         processors=[
@@ -31,10 +33,10 @@ def configure(level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level]),
-        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        logger_factory=structlog.BytesLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    _configured_level = level
+    _configured = (level, out)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

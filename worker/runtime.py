@@ -36,7 +36,7 @@ class Runtime:
     async def loader(self) -> Loader:
         """The shared loader, opening the clients on first use."""
         if self._loader is None:
-            clients = Clients(max_in_flight=self.settings.write.max_in_flight)
+            clients = Clients.from_settings(self.settings)
             await clients.__aenter__()
             self._clients = clients
             self._loader = Loader(self.settings, clients)

@@ -106,6 +106,21 @@ async def _drain(body: object, limits: Limits) -> tuple[bytes, bool]:
     return bytes(out), gunzip is not None
 
 
+def gunzip_if_needed(data: bytes, limits: Limits) -> tuple[bytes, bool]:
+    """Local-file twin of the streaming path: the same gzip detection and caps."""
+    if len(data) > limits.max_object_bytes:
+        raise ObjectTooLarge(
+            f"file is {len(data)} bytes, over MAX_OBJECT_BYTES={limits.max_object_bytes}",
+            size=len(data),
+        )
+    if data[:2] != GZIP_MAGIC:
+        return data, False
+    gunzip, out = _Gunzip(limits.max_decoded_bytes), bytearray()
+    gunzip.feed(data, out)
+    gunzip.finish()
+    return bytes(out), True
+
+
 class _Gunzip:
     """Multi-member gzip decoder that never emits more than ``cap`` bytes."""
 

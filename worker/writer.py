@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -141,6 +141,7 @@ class BatchWriter:
         self._client = client
         self._settings = settings
         self.window = window or Window(settings.max_in_flight)
+        self.progress: Counter[str] = Counter()  # items written per table, for displays
         self._sleep = sleep
         self._jitter = jitter
 
@@ -207,6 +208,7 @@ class BatchWriter:
             return pending
         left = response.get("UnprocessedItems", {}).get(table, [])
         stats.written += len(pending) - len(left)
+        self.progress[table] += len(pending) - len(left)
         if not left:
             self.window.on_success()
             return []

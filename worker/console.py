@@ -1,0 +1,76 @@
+"""``worker load``: the pipeline on named objects or files, with a progress line and a table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
+
+from worker.aws import Clients
+from worker.config import Settings
+from worker.loader import Loader, ObjectSummary
+from worker.messages import ObjectRef
+
+
+def parse_target(target: str) -> ObjectRef | Path:
+    if target.startswith("s3://"):
+        bucket, _, key = target[5:].partition("/")
+        if not bucket or not key:
+            raise ValueError(f"{target!r} is not s3://BUCKET/KEY")
+        return ObjectRef(bucket, key)
+    return Path(target)
+
+
+async def load_targets(settings: Settings, targets: list[str]) -> int:
+    try:
+        parsed = [parse_target(t) for t in targets]
+    except ValueError as exc:
+        print(f"worker load: error: {exc}", file=sys.stderr)
+        return 2
+    async with Clients.from_settings(settings) as clients:
+        loader = Loader(settings, clients)
+        progress = asyncio.create_task(_show_progress(loader)) if sys.stderr.isatty() else None
+        summaries = []
+        try:
+            for target in parsed:
+                if isinstance(target, Path):
+                    summaries.append(await loader.load_file(target))
+                else:
+                    summaries.append(await loader.load(target))
+        finally:
+            if progress is not None:
+                progress.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await progress
+                print(file=sys.stderr)
+    print(format_summaries(summaries))
+    return 0 if all(s.ok for s in summaries) else 1
+
+
+async def _show_progress(loader: Loader) -> None:
+    while True:
+        counts = "  ".join(f"{t}: {n:,}" for t, n in sorted(loader.writer.progress.items()))
+        print(f"\rwritten  {counts}", end="", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.25)
+
+
+def format_summaries(summaries: list[ObjectSummary]) -> str:
+    """A plain-text table: one line per table of every object, then a status per object."""
+    header = ("object", "table", "rows", "written", "skipped", "dupes", "retries", "ms")
+    lines: list[tuple[str, ...]] = [header]
+    for summary in summaries:
+        for t in summary.tables:
+            skipped = sum(t.skipped.values())
+            lines.append(
+                (summary.uri, t.table, str(t.rows), str(t.written), str(skipped),
+                 str(t.duplicates), str(t.retries), str(t.ms))
+            )  # fmt: skip
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in lines]
+    for summary in summaries:
+        status = (
+            "ok" if summary.error is None else f"FAILED {summary.error.reason}: {summary.error}"
+        )
+        text.append(f"{summary.uri}: {status} ({summary.rows_written:,} rows in {summary.ms} ms)")
+    return "\n".join(text)

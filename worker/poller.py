@@ -1,0 +1,258 @@
+"""The ECS long poller: receive, heartbeat, load, acknowledge, drain.
+
+- **Backpressure.** At most ``MAX_CONCURRENT_OBJECTS`` messages are in flight;
+  the receive loop asks SQS only for as many messages as there are free slots
+  (and waits for one when there are none), so nothing piles up in memory.
+- **Heartbeat.** While a message is processed, its visibility is extended by
+  the queue's timeout every third of it, so a slow load is never handed to a
+  second consumer.
+- **Acknowledging.** A message is deleted (``DeleteMessageBatch``) only once
+  all of its objects are written. A retryable failure gets its visibility cut
+  to a backoff delay (``RETRY_DELAY_S`` * 2^(receives-1), at most 15 min); a
+  permanent one is logged at ERROR and left to the redrive policy (DLQ).
+- **Shutdown.** ``stop()`` stops receiving; in-flight messages get
+  ``SHUTDOWN_GRACE_S`` to finish; the rest are cancelled and their visibility
+  reset to 0 so another consumer takes them at once. Nothing unwritten is
+  deleted; deletes and resets are shielded from cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from worker.aws import AWS_FAILURES
+from worker.config import PollSettings
+from worker.loader import Loader
+from worker.log import get_logger
+from worker.sqs_batch import MessageOutcome, handle_message
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import DeleteMessageBatchRequestEntryTypeDef
+
+log = get_logger(__name__)
+MAX_VISIBILITY_S = 12 * 3600
+MAX_RETRY_DELAY_S = 900
+
+
+@dataclass(slots=True)
+class PollStats:
+    received: int = 0
+    deleted: int = 0
+    failed: int = 0
+    released: int = 0
+    rows_written: int = 0
+
+
+class Poller:
+    def __init__(
+        self, loader: Loader, sqs: SQSClient, settings: PollSettings, *, concurrency: int
+    ) -> None:
+        if not settings.queue_url:
+            raise ValueError("no queue: pass --queue-url or set QUEUE_URL")
+        self._loader = loader
+        self._sqs = sqs
+        self._settings = settings
+        self._queue = settings.queue_url
+        self._concurrency = concurrency
+        self._room = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: dict[asyncio.Task[None], dict[str, Any]] = {}
+        self._deletes: list[DeleteMessageBatchRequestEntryTypeDef] = []
+        self._visibility_s = 30
+        self.stats = PollStats()
+
+    def stop(self) -> None:
+        """Stop receiving; ``run`` then drains and returns."""
+        self._stopping.set()
+
+    async def run(self) -> PollStats:
+        attributes = await self._sqs.get_queue_attributes(
+            QueueUrl=self._queue, AttributeNames=["VisibilityTimeout"]
+        )
+        self._visibility_s = int(attributes["Attributes"]["VisibilityTimeout"])
+        log.info("poller_started", queue_url=self._queue, visibility_s=self._visibility_s)
+        reporter = asyncio.create_task(self._report_periodically())
+        try:
+            await self._receive_until_stopped()
+        finally:
+            await self._drain()
+            self.health_path.unlink(missing_ok=True)
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            self._log_summary("poller_stopped")
+        return self.stats
+
+    async def _receive_until_stopped(self) -> None:
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                self.touch_health()
+                free = self._concurrency - len(self._tasks)
+                if free <= 0:  # backpressure: ask SQS for nothing until a message finishes
+                    self._room.clear()
+                    await asyncio.wait(
+                        {asyncio.ensure_future(self._room.wait()), stopping},
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    continue
+                receive = asyncio.create_task(self._receive(min(10, free)))
+                done, _ = await asyncio.wait(
+                    {receive, stopping}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if receive not in done:  # stopping: cancel the long poll mid-wait
+                    receive.cancel()
+                    break
+                self._start(receive.result())
+        finally:
+            stopping.cancel()
+
+    async def _receive(self, count: int) -> list[dict[str, Any]]:
+        try:
+            response = await self._sqs.receive_message(
+                QueueUrl=self._queue,
+                MaxNumberOfMessages=count,
+                WaitTimeSeconds=self._settings.wait_s,
+                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+            )
+        except AWS_FAILURES as exc:
+            log.warning("receive_failed", error=repr(exc))
+            await asyncio.sleep(1)
+            return []
+        return cast(list[dict[str, Any]], response.get("Messages", []))
+
+    def _start(self, messages: list[dict[str, Any]]) -> None:
+        self.stats.received += len(messages)
+        for message in messages:
+            task = asyncio.create_task(self._process(message))
+            self._tasks[task] = message
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self._room.set()
+
+    async def _process(self, message: dict[str, Any]) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(message))
+        try:
+            outcome = await handle_message(self._loader, message["MessageId"], message["Body"])
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        await asyncio.shield(self._settle(message, outcome))
+
+    async def _settle(self, message: dict[str, Any], outcome: MessageOutcome) -> None:
+        self.stats.rows_written += sum(s.rows_written for s in outcome.objects)
+        if outcome.ok:
+            await self._delete(message)
+            return
+        self.stats.failed += 1
+        if outcome.retriable:
+            receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+            delay = self._settings.retry_delay_s * 2 ** min(receives - 1, 10)
+            await self._set_visibility(message, min(delay, MAX_RETRY_DELAY_S))
+        # a permanent failure keeps its visibility: the redrive policy takes it to the DLQ
+
+    async def _heartbeat(self, message: dict[str, Any]) -> None:
+        every = max(1.0, self._visibility_s / 3)
+        while True:
+            await asyncio.sleep(every)
+            await self._set_visibility(message, min(self._visibility_s, MAX_VISIBILITY_S))
+            log.debug("visibility_extended", message_id=message["MessageId"])
+
+    async def _set_visibility(self, message: dict[str, Any], seconds: int) -> None:
+        try:
+            await self._sqs.change_message_visibility(
+                QueueUrl=self._queue,
+                ReceiptHandle=message["ReceiptHandle"],
+                VisibilityTimeout=seconds,
+            )
+        except AWS_FAILURES as exc:
+            log.warning(
+                "visibility_change_failed", message_id=message["MessageId"], error=repr(exc)
+            )
+
+    async def _delete(self, message: dict[str, Any]) -> None:
+        """Batch deletes: the first completion flushes whatever has gathered meanwhile."""
+        self._deletes.append(
+            {"Id": message["MessageId"], "ReceiptHandle": message["ReceiptHandle"]}
+        )
+        await asyncio.sleep(0)  # let completions of the same tick join this batch
+        while self._deletes:
+            batch, self._deletes = self._deletes[:10], self._deletes[10:]
+            try:
+                response = await self._sqs.delete_message_batch(QueueUrl=self._queue, Entries=batch)
+            except AWS_FAILURES as exc:
+                log.warning("delete_failed", messages=len(batch), error=repr(exc))
+                continue
+            self.stats.deleted += len(response.get("Successful", []))
+            for failure in response.get("Failed", []):
+                log.warning("delete_failed", message_id=failure["Id"], error=failure["Code"])
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("draining", in_flight=len(self._tasks), grace_s=self._settings.shutdown_grace_s)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self._settings.shutdown_grace_s)
+        unfinished = [self._tasks[task] for task in pending if task in self._tasks]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        for message in unfinished:  # hand them to another consumer at once
+            await asyncio.shield(self._set_visibility(message, 0))
+        self.stats.released += len(unfinished)
+        if unfinished:
+            log.warning("released_unfinished", messages=[m["MessageId"] for m in unfinished])
+
+    async def _report_periodically(self) -> None:
+        while True:
+            before, start = self.stats.rows_written, time.monotonic()
+            await asyncio.sleep(self._settings.summary_interval_s)
+            rate = (self.stats.rows_written - before) / (time.monotonic() - start)
+            self._log_summary("poller_summary", rows_per_s=round(rate, 1))
+
+    def _log_summary(self, event: str, **extra: Any) -> None:
+        window = self._loader.writer.window
+        log.info(
+            event,
+            received=self.stats.received,
+            deleted=self.stats.deleted,
+            failed=self.stats.failed,
+            released=self.stats.released,
+            rows_written=self.stats.rows_written,
+            in_flight=len(self._tasks),
+            window=window.limit,
+            window_decreases=window.decreases,
+            **extra,
+        )
+
+    @property
+    def health_path(self) -> Path:
+        return Path(f"{self._settings.health_file}.{os.getpid()}")
+
+    def touch_health(self) -> None:
+        """Refresh this process's liveness stamp, which ``worker health`` reads."""
+        self.health_path.write_text(f"{time.time():.0f}\n")
+
+
+def check_health(settings: PollSettings, *, now: float | None = None) -> tuple[bool, str]:
+    """Whether every poller process stamped its health file recently enough."""
+    pattern = Path(settings.health_file)
+    stamps = sorted(pattern.parent.glob(pattern.name + ".*"))
+    if not stamps:
+        return False, f"no health file at {settings.health_file}"
+    now = time.time() if now is None else now
+    for stamp in stamps:
+        age = now - stamp.stat().st_mtime
+        if age > settings.health_max_age_s:
+            return False, f"{stamp} is {age:.0f}s old (limit {settings.health_max_age_s}s)"
+    return True, f"{len(stamps)} poller(s) alive"
