@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 from worker.extract.outputfile_pb2 import OutputFile, Table
@@ -19,3 +21,22 @@ def upper_tables(output_file: Any) -> dict[str, list[dict[str, Any]]]:
 def one_table(table: Table) -> dict[str, list[dict[str, Any]]]:
     """An extract for a layer whose files are a single ``Table`` message."""
     return processOutputData(OutputFile(tables=[table]))
+
+
+def slow(output_file: OutputFile) -> dict[str, list[dict[str, Any]]]:
+    """The reference extract after a pause of $SLOW_EXTRACT_S seconds: a slow load."""
+    time.sleep(float(os.environ.get("SLOW_EXTRACT_S", "3")))
+    return processOutputData(output_file)
+
+
+_failed_once: set[str] = set()
+
+
+def fail_once(output_file: OutputFile) -> dict[str, list[dict[str, Any]]]:
+    """Raise a retryable error the first time a file is seen, then extract normally."""
+    from worker.errors import TransientAwsError
+
+    if output_file.file_id not in _failed_once:
+        _failed_once.add(output_file.file_id)
+        raise TransientAwsError("simulated transient failure")
+    return processOutputData(output_file)

@@ -25,10 +25,11 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 if TYPE_CHECKING:
-    from worker.config import Settings
     from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
+
+    from worker.config import Settings
 
 
 def client_config(*, pool: int, attempts: int) -> AioConfig:

@@ -77,7 +77,12 @@ class Poller:
             QueueUrl=self._queue, AttributeNames=["VisibilityTimeout"]
         )
         self._visibility_s = int(attributes["Attributes"]["VisibilityTimeout"])
-        log.info("poller_started", queue_url=self._queue, visibility_s=self._visibility_s)
+        log.info(
+            "poller_started",
+            queue_url=self._queue,
+            visibility_s=self._visibility_s,
+            pid=os.getpid(),
+        )
         reporter = asyncio.create_task(self._report_periodically())
         try:
             await self._receive_until_stopped()

@@ -14,7 +14,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 
-from worker.errors import CorruptObject, ExtractFailed
+from worker.errors import CorruptObject, ExtractFailed, WorkerError
 
 Rows = dict[str, list[dict[str, Any]]]
 
@@ -73,6 +73,8 @@ class Extractor:
         message = self.decode(data)
         try:
             tables = self.process(message)
+        except WorkerError:
+            raise  # a plugin may say for itself whether a retry can help
         except Exception as exc:  # any plugin failure is this input's failure
             raise ExtractFailed(f"TABLE_EXTRACT raised {exc!r}") from exc
         if not isinstance(tables, dict):
