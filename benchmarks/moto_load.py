@@ -1,0 +1,79 @@
+"""One local run of the loader on a sample file against moto's server.
+
+    python -m benchmarks.moto_load --rows 100000 [--tables 8] [--profile]
+
+Prints rows/s for the whole pipeline (S3 read, decode, extract, convert,
+create tables, write). ``--profile`` adds a cProfile of the worker's process
+(moto's server runs in the same process, in threads, so its cost shows too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import logging
+import os
+import pstats
+import tempfile
+import time
+
+import uvloop
+
+from worker import log
+from worker.aws import Clients
+from worker.config import Settings
+from worker.loader import Loader
+from worker.messages import ObjectRef
+from worker.sample import sample_file
+
+
+async def _run(rows: int, tables: int) -> tuple[int, float]:
+    settings = Settings.from_env()
+    data = sample_file(rows=rows, tables=tables).SerializeToString()
+    async with Clients.from_settings(settings) as clients:
+        await clients.s3.create_bucket(Bucket="bench")
+        await clients.s3.put_object(Bucket="bench", Key="sample.pb", Body=data)
+        start = time.perf_counter()
+        summary = await Loader(settings, clients).load(ObjectRef("bench", "sample.pb"))
+        seconds = time.perf_counter() - start
+    assert summary.ok, summary.error
+    return summary.rows_written, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--tables", type=int, default=8)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    log.configure("WARNING")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with tempfile.NamedTemporaryFile() as empty:
+        os.environ.update(
+            AWS_ENDPOINT_URL=f"http://{host}:{port}",
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_REGION="us-east-1",
+            AWS_CONFIG_FILE=empty.name,
+            AWS_SHARED_CREDENTIALS_FILE=empty.name,
+        )
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler:
+            profiler.enable()
+        written, seconds = uvloop.run(_run(args.rows, args.tables))
+        if profiler:
+            profiler.disable()
+    server.stop()
+    print(f"{written:,} rows in {seconds:.2f}s: {written / seconds:,.0f} rows/s against moto")
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
