@@ -1,6 +1,7 @@
 """Container-image Lambda entry point: ``lambda_entry.handler``.
 
-Routes by event shape: SQS batches go to the loader; anything else is answered
+Routes by event shape: SQS batches go to the loader, Firehose transformation
+events to ``worker.firehose``; anything else is answered
 with a clear, structured error (and logged at ERROR), never a crash.
 """
 
@@ -12,6 +13,7 @@ from typing import Any
 from structlog.contextvars import bound_contextvars
 
 from worker.errors import UnsupportedEvent
+from worker.firehose import is_firehose_event
 from worker.log import get_logger
 from worker.runtime import Runtime
 from worker.sqs_batch import handle_batch
@@ -33,7 +35,7 @@ def event_kind(event: Any) -> str:
         records = event.get("Records")
         if isinstance(records, list) and records and isinstance(records[0], dict):
             return str(records[0].get("eventSource") or "unknown")
-        if "deliveryStreamArn" in event:
+        if is_firehose_event(event):
             return "aws:firehose"
     return "unknown"
 
@@ -48,6 +50,8 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
             remaining_ms = context.get_remaining_time_in_millis()
             deadline = time.monotonic() + (remaining_ms - rt.settings.deadline_margin_ms) / 1000
             return rt.run(_sqs(rt, event["Records"], deadline))
+        if kind == "aws:firehose":
+            return rt.run(_firehose(rt, event))
         error = UnsupportedEvent(
             f"no route for event source {kind!r}",
             keys=sorted(event)[:10] if isinstance(event, dict) else type(event).__name__,
@@ -59,3 +63,7 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
 async def _sqs(rt: Runtime, records: list[dict[str, Any]], deadline: float) -> dict[str, Any]:
     report = await handle_batch(await rt.loader(), records, deadline=deadline)
     return report.response()
+
+
+async def _firehose(rt: Runtime, event: dict[str, Any]) -> dict[str, Any]:
+    return await (await rt.transformer()).transform(event)

@@ -3,15 +3,14 @@
     python -m benchmarks.moto_load --rows 100000 [--tables 8] [--profile]
 
 Prints rows/s for the whole pipeline (S3 read, decode, extract, convert,
-create tables, write). ``--profile`` adds a cProfile of the worker's process
-(moto's server runs in the same process, in threads, so its cost shows too).
+create tables, write). ``--profile`` adds a cProfile of the worker's event-loop thread
+(moto's server runs in its own process, so the client does not share its GIL).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import logging
 import os
 import pstats
 import tempfile
@@ -19,6 +18,7 @@ import time
 
 import uvloop
 
+from benchmarks.servers import moto_process
 from worker import log
 from worker.aws import Clients
 from worker.config import Settings
@@ -47,16 +47,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     log.configure("WARNING")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with tempfile.NamedTemporaryFile() as empty:
+    with moto_process() as endpoint, tempfile.NamedTemporaryFile() as empty:
         os.environ.update(
-            AWS_ENDPOINT_URL=f"http://{host}:{port}",
+            AWS_ENDPOINT_URL=endpoint,
             AWS_ACCESS_KEY_ID="bench",
             AWS_SECRET_ACCESS_KEY="bench",
             AWS_REGION="us-east-1",
@@ -69,7 +63,6 @@ def main() -> None:
         written, seconds = uvloop.run(_run(args.rows, args.tables))
         if profiler:
             profiler.disable()
-    server.stop()
     print(f"{written:,} rows in {seconds:.2f}s: {written / seconds:,.0f} rows/s against moto")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)

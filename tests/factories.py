@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -101,3 +102,25 @@ class LambdaContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return self.remaining_ms
+
+
+STREAM_ARN = "arn:aws:firehose:us-east-1:123456789012:deliverystream/events"
+
+
+def firehose_record(doc: Any, record_id: str | None = None) -> dict[str, Any]:
+    """A Firehose record whose data is ``doc`` as JSON (or raw bytes, as given)."""
+    raw = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return {
+        "recordId": record_id or f"r-{next(_ids)}",
+        "approximateArrivalTimestamp": 1_700_000_000_000,
+        "data": base64.b64encode(raw).decode(),
+    }
+
+
+def firehose_event(*records: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "invocationId": f"inv-{next(_ids)}",
+        "deliveryStreamArn": STREAM_ARN,
+        "region": "us-east-1",
+        "records": list(records),
+    }

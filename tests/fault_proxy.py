@@ -43,6 +43,7 @@ class FaultProxy:
         self.upstream = upstream.rstrip("/")
         self.unprocessed_fraction = 0.0
         self.throttle_fraction = 0.0
+        self.throttle_targets = {"BatchWriteItem"}  # operations the throttle applies to
         self.latency_s = 0.0
         self.stats = ProxyStats()
         self.key_names: dict[str, list[str]] = {}
@@ -90,6 +91,10 @@ class FaultProxy:
         body = await request.read()
         if target.endswith(".BatchWriteItem"):
             return await self._batch_write(request, orjson.loads(body))
+        operation = target.rpartition(".")[2]
+        if operation in self.throttle_targets and self._random.random() < self.throttle_fraction:
+            self.stats.throttled += 1
+            return _throttled()
         status, payload = await self._forward(request, body)
         if target.endswith((".DescribeTable", ".CreateTable")) and status == 200:
             self._learn_keys(orjson.loads(payload))
@@ -119,11 +124,7 @@ class FaultProxy:
             return _error(400, "com.amazon.coral.validate#ValidationException", problem)
         if self._random.random() < self.throttle_fraction:
             stats.throttled += 1
-            return _error(
-                400,
-                "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
-                "The level of configured provisioned throughput for the table was exceeded.",
-            )
+            return _throttled()
         kept: dict[str, list[Any]] = {}
         unprocessed: dict[str, list[Any]] = {}
         for table, requests in items.items():
@@ -149,4 +150,12 @@ def _error(status: int, kind: str, message: str) -> web.Response:
         status=status,
         body=orjson.dumps({"__type": kind, "message": message}),
         content_type="application/x-amz-json-1.0",
+    )
+
+
+def _throttled() -> web.Response:
+    return _error(
+        400,
+        "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
+        "The level of configured provisioned throughput for the table was exceeded.",
     )

@@ -1,6 +1,6 @@
 """The ``worker`` command line (also ``python -m worker``).
 
-Commands: ``load``, ``poll``, ``health``, ``sample``, ``demo``. Every command
+Commands: ``load``, ``poll``, ``health``, ``sample``, ``setup``, ``demo``. Every command
 has ``--help``; a wrong argument prints one line and exits 2.
 """
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=1)
     sample.add_argument("--gzip", action="store_true", help="gzip the output")
 
+    setup = commands.add_parser("setup", help="create supporting AWS resources (idempotent)")
+    setup.add_argument("what", choices=["firehose-cache"])
+
     demo = commands.add_parser("demo", help="run the whole job against an embedded local AWS")
     demo.add_argument("--rows", type=_positive, default=5_000, help="rows per sample file")
     return parser
@@ -74,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _health(settings)
     if command == "poll":
         return _poll(settings, args)
+    if command == "setup":
+        return uvloop.run(_setup_firehose_cache(settings))
     if command == "load":
         log.configure(settings.log_level, stream=sys.stderr)
         from worker.console import load_targets
@@ -136,4 +141,20 @@ async def _poll_once(settings: Settings) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, poller.stop)
         await poller.run()
+    return 0
+
+
+async def _setup_firehose_cache(settings: Settings) -> int:
+    from worker.aws import Clients
+    from worker.firehose import setup_cache_table
+
+    name = settings.firehose.cache_table
+    if not name:
+        print("worker setup: error: set EVENT_CACHE_TABLE_NAME", file=sys.stderr)
+        return 2
+    async with Clients.from_settings(settings) as clients:
+        done = await setup_cache_table(clients.dynamodb, name)
+    created = "created" if done.created else "already exists"
+    ttl = "TTL enabled on expires_at" if done.ttl_enabled else "TTL already enabled"
+    print(f"{name}: {created}; {ttl}")
     return 0

@@ -65,6 +65,17 @@ class PollSettings:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class FirehoseSettings:
+    """The Firehose transformation (dedupe cache and partitioning)."""
+
+    cache_table: str = ""
+    ttl_hours: int = 24
+    separator: str = "."
+    dedupe_concurrency: int = 16
+    max_attempts: int = 6
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Everything the worker reads from its environment, validated once."""
 
@@ -81,6 +92,7 @@ class Settings:
     table_active_timeout_s: float = 120.0
     write: WriteSettings = field(default_factory=WriteSettings)
     poll: PollSettings = field(default_factory=PollSettings)
+    firehose: FirehoseSettings = field(default_factory=FirehoseSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -120,6 +132,14 @@ class Settings:
                 health_max_age_s=_int(env, "HEALTH_MAX_AGE_S", default.poll.health_max_age_s),
                 summary_interval_s=_int(
                     env, "SUMMARY_INTERVAL_S", int(default.poll.summary_interval_s)
+                ),
+            ),
+            firehose=FirehoseSettings(
+                cache_table=env.get("EVENT_CACHE_TABLE_NAME", "").strip(),
+                ttl_hours=_int(env, "EVENT_CACHE_TTL_HOURS", default.firehose.ttl_hours),
+                separator=env.get("EVENT_NAME_SEPARATOR", "") or default.firehose.separator,
+                dedupe_concurrency=_int(
+                    env, "DEDUPE_CONCURRENCY", default.firehose.dedupe_concurrency
                 ),
             ),
         )

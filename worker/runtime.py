@@ -17,6 +17,7 @@ import uvloop
 from worker import log
 from worker.aws import Clients
 from worker.config import Settings
+from worker.firehose import Transformer
 from worker.loader import Loader
 
 T = TypeVar("T")
@@ -29,22 +30,33 @@ class Runtime:
         self._runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
         self._clients: Clients | None = None
         self._loader: Loader | None = None
+        self._transformer: Transformer | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(coroutine)
 
-    async def loader(self) -> Loader:
-        """The shared loader, opening the clients on first use."""
-        if self._loader is None:
+    async def clients(self) -> Clients:
+        """The container's clients, opened on first use."""
+        if self._clients is None:
             clients = Clients.from_settings(self.settings)
             await clients.__aenter__()
             self._clients = clients
-            self._loader = Loader(self.settings, clients)
+        return self._clients
+
+    async def loader(self) -> Loader:
+        if self._loader is None:
+            self._loader = Loader(self.settings, await self.clients())
         return self._loader
+
+    async def transformer(self) -> Transformer:
+        if self._transformer is None:
+            clients = await self.clients()
+            self._transformer = Transformer(clients.dynamodb_writes, self.settings.firehose)
+        return self._transformer
 
     def close(self) -> None:
         """Close the clients and the loop; safe to call more than once."""
-        clients, self._clients, self._loader = self._clients, None, None
+        clients, self._clients, self._loader, self._transformer = self._clients, None, None, None
         if clients is not None:
             self._runner.run(clients.aclose())
         self._runner.close()

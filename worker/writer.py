@@ -217,8 +217,15 @@ class BatchWriter:
         return [request["PutRequest"]["Item"] for request in left]  # type: ignore[misc]
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._settings.backoff_cap_s, self._settings.backoff_base_s * (1 << attempt))
-        return self._jitter() * ceiling
+        settings = self._settings
+        return full_jitter(attempt, settings.backoff_base_s, settings.backoff_cap_s, self._jitter)
+
+
+def full_jitter(
+    attempt: int, base_s: float, cap_s: float, jitter: Callable[[], float] = random.random
+) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^attempt))."""
+    return jitter() * min(cap_s, base_s * (1 << attempt))
 
 
 def _first_worker_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
