@@ -1,7 +1,8 @@
 """Container-image Lambda entry point: ``lambda_entry.handler``.
 
-Routes by event shape: SQS batches go to the loader, Firehose transformation
-events to ``worker.firehose``; anything else is answered
+Routes by event shape: SQS batches go to the loader, DynamoDB Streams batches
+to ``worker.streams``, Firehose transformation events to ``worker.firehose``;
+anything else is answered
 with a clear, structured error (and logged at ERROR), never a crash.
 """
 
@@ -17,6 +18,7 @@ from worker.firehose import is_firehose_event
 from worker.log import get_logger
 from worker.runtime import Runtime
 from worker.sqs_batch import handle_batch
+from worker.streams.buffer import handle_stream_batch
 
 log = get_logger("lambda_entry")
 _runtime: Runtime | None = None
@@ -50,6 +52,8 @@ def handler(event: Any, context: Any) -> dict[str, Any]:
             remaining_ms = context.get_remaining_time_in_millis()
             deadline = time.monotonic() + (remaining_ms - rt.settings.deadline_margin_ms) / 1000
             return rt.run(_sqs(rt, event["Records"], deadline))
+        if kind == "aws:dynamodb":
+            return rt.run(_streams(rt, event["Records"]))
         if kind == "aws:firehose":
             return rt.run(_firehose(rt, event))
         error = UnsupportedEvent(
@@ -67,3 +71,9 @@ async def _sqs(rt: Runtime, records: list[dict[str, Any]], deadline: float) -> d
 
 async def _firehose(rt: Runtime, event: dict[str, Any]) -> dict[str, Any]:
     return await (await rt.transformer()).transform(event)
+
+
+async def _streams(rt: Runtime, records: list[dict[str, Any]]) -> dict[str, Any]:
+    clients = await rt.clients()
+    report = await handle_stream_batch(clients.s3, records, rt.settings.streams)
+    return report.response()

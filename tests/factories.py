@@ -124,3 +124,45 @@ def firehose_event(*records: dict[str, Any]) -> dict[str, Any]:
         "region": "us-east-1",
         "records": list(records),
     }
+
+
+TABLE_STREAM_ARN = (
+    "arn:aws:dynamodb:us-east-1:123456789012:table/{table}/stream/2026-01-01T00:00:00.000"
+)
+
+
+def stream_record(
+    sequence: int,
+    name: str = "INSERT",
+    *,
+    key: str = "k1",
+    new: dict[str, Any] | None = None,
+    old: dict[str, Any] | None = None,
+    created_s: float = 1_763_700_000,
+    table: str = "src",
+    ttl: bool = False,
+) -> dict[str, Any]:
+    """A Lambda DynamoDB Streams record (wire-format images, as Lambda sends them)."""
+    change: dict[str, Any] = {
+        "ApproximateCreationDateTime": created_s,
+        "Keys": {"id": {"S": key}},
+        "SequenceNumber": str(sequence),
+        "SizeBytes": 100,
+        "StreamViewType": "NEW_AND_OLD_IMAGES",
+    }
+    if new is not None:
+        change["NewImage"] = {"id": {"S": key}, **new}
+    if old is not None:
+        change["OldImage"] = {"id": {"S": key}, **old}
+    record: dict[str, Any] = {
+        "eventID": f"ev-{sequence}",
+        "eventName": name,
+        "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb",
+        "awsRegion": "us-east-1",
+        "dynamodb": change,
+        "eventSourceARN": TABLE_STREAM_ARN.format(table=table),
+    }
+    if ttl:
+        record["userIdentity"] = {"type": "Service", "principalId": "dynamodb.amazonaws.com"}
+    return record

@@ -8,6 +8,7 @@ It behaves as DynamoDB does under load, which moto does not:
 - throttles a configurable fraction of whole requests;
 - optionally delays every request.
 It runs its own event loop in a thread, so sync and async tests can share it.
+``ForwardingProxy`` is the shared part, also used for S3 faults.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import orjson
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from tests.dynamo_rules import batch_problem
 
-_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+_HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-encoding"}
 
 
 @dataclass
@@ -38,25 +39,23 @@ class ProxyStats:
     max_batch: int = 0
 
 
-class FaultProxy:
-    def __init__(self, upstream: str, *, seed: int = 7) -> None:
+class ForwardingProxy:
+    """An aiohttp server on its own loop and thread that forwards to ``upstream``.
+
+    Subclasses decide, in ``_handle``, what to answer themselves and what to forward.
+    """
+
+    def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
-        self.unprocessed_fraction = 0.0
-        self.throttle_fraction = 0.0
-        self.throttle_targets = {"BatchWriteItem"}  # operations the throttle applies to
-        self.latency_s = 0.0
-        self.stats = ProxyStats()
-        self.key_names: dict[str, list[str]] = {}
-        self._random = random.Random(seed)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self.url = ""
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self._ready.wait(10):
-            raise RuntimeError("fault proxy did not start")
+            raise RuntimeError("proxy did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -71,18 +70,47 @@ class FaultProxy:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/", self._handle)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
             self._session = session
             self._ready.set()
             await self._stop.wait()
         await runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        status, headers, payload = await self._forward(request, body)
+        return web.Response(status=status, headers=headers, body=payload)
+
+    async def _forward(
+        self, request: web.Request, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=body, headers=headers
+        ) as response:
+            kept = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
+            return response.status, kept, await response.read()
+
+
+class FaultProxy(ForwardingProxy):
+    """Behaves as DynamoDB does under load, in front of moto or dynalite."""
+
+    def __init__(self, upstream: str, *, seed: int = 7) -> None:
+        super().__init__(upstream)
+        self.unprocessed_fraction = 0.0
+        self.throttle_fraction = 0.0
+        self.throttle_targets = {"BatchWriteItem"}  # operations the throttle applies to
+        self.latency_s = 0.0
+        self.stats = ProxyStats()
+        self.key_names: dict[str, list[str]] = {}
+        self._random = random.Random(seed)
 
     async def _handle(self, request: web.Request) -> web.Response:
         if self.latency_s:
@@ -95,15 +123,10 @@ class FaultProxy:
         if operation in self.throttle_targets and self._random.random() < self.throttle_fraction:
             self.stats.throttled += 1
             return _throttled()
-        status, payload = await self._forward(request, body)
+        status, headers, payload = await self._forward(request, body)
         if target.endswith((".DescribeTable", ".CreateTable")) and status == 200:
             self._learn_keys(orjson.loads(payload))
-        return web.Response(status=status, body=payload, content_type="application/x-amz-json-1.0")
-
-    async def _forward(self, request: web.Request, body: bytes) -> tuple[int, bytes]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        async with self._session.post(self.upstream + "/", data=body, headers=headers) as response:
-            return response.status, await response.read()
+        return web.Response(status=status, headers=headers, body=payload)
 
     def _learn_keys(self, payload: dict[str, Any]) -> None:
         table = payload.get("Table") or payload.get("TableDescription") or {}
@@ -134,9 +157,9 @@ class FaultProxy:
         if kept:
             forwarded = sum(len(r) for r in kept.values())
             body = orjson.dumps({**doc, "RequestItems": kept})
-            status, payload = await self._forward(request, body)
+            status, headers, payload = await self._forward(request, body)
             if status != 200:
-                return web.Response(status=status, body=payload)
+                return web.Response(status=status, headers=headers, body=payload)
             stats.items_forwarded += forwarded
         stats.items_unprocessed += count - sum(len(r) for r in kept.values())
         return web.Response(
@@ -159,3 +182,20 @@ def _throttled() -> web.Response:
         "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",
         "The level of configured provisioned throughput for the table was exceeded.",
     )
+
+
+class S3Faults(ForwardingProxy):
+    """In front of moto's S3: refuses the first PUT of keys matching ``fail_key``."""
+
+    def __init__(self, upstream: str, fail_key: str) -> None:
+        super().__init__(upstream)
+        self.fail_key = fail_key
+        self.failed: list[str] = []
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.method == "PUT" and self.fail_key in request.path and not self.failed:
+            self.failed.append(request.path)
+            await request.read()
+            body = b"<Error><Code>AccessDenied</Code><Message>fault injected</Message></Error>"
+            return web.Response(status=403, body=body, content_type="application/xml")
+        return await super()._handle(request)

@@ -1,6 +1,7 @@
 """The ``worker`` command line (also ``python -m worker``).
 
-Commands: ``load``, ``poll``, ``health``, ``sample``, ``setup``, ``demo``. Every command
+Commands: ``load``, ``poll``, ``health``, ``sample``, ``setup``, ``lake apply`` and
+``demo``. Every command
 has ``--help``; a wrong argument prints one line and exits 2.
 """
 
@@ -48,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("setup", help="create supporting AWS resources (idempotent)")
     setup.add_argument("what", choices=["firehose-cache"])
 
+    lake = commands.add_parser("lake", help="the Delta Lake side of CDC")
+    lake_commands = lake.add_subparsers(dest="lake_command", required=True, parser_class=_Parser)
+    apply = lake_commands.add_parser("apply", help="MERGE new stream parts into a Delta table")
+    apply.add_argument("--source", required=True, help="s3://BUCKET/PREFIX/TABLE of the parts")
+    apply.add_argument("--target", required=True, help="a local path or s3:// URI")
+
     demo = commands.add_parser("demo", help="run the whole job against an embedded local AWS")
     demo.add_argument("--rows", type=_positive, default=5_000, help="rows per sample file")
     return parser
@@ -79,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _poll(settings, args)
     if command == "setup":
         return uvloop.run(_setup_firehose_cache(settings))
+    if command == "lake":
+        from worker.console import lake_apply
+
+        log.configure(settings.log_level, stream=sys.stderr)
+        return uvloop.run(lake_apply(settings, args.source, args.target))
     if command == "load":
         log.configure(settings.log_level, stream=sys.stderr)
         from worker.console import load_targets

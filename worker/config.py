@@ -75,6 +75,21 @@ class FirehoseSettings:
     max_attempts: int = 6
 
 
+StreamFormat = Literal["ndjson", "parquet"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamSettings:
+    """The DynamoDB Streams -> S3 buffer."""
+
+    bucket: str = ""
+    prefix: str = "cdc"
+    format: StreamFormat = "ndjson"
+    max_records: int = 10_000
+    max_bytes: int = 64 * MiB
+    write_concurrency: int = 8
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     """Everything the worker reads from its environment, validated once."""
@@ -93,6 +108,7 @@ class Settings:
     write: WriteSettings = field(default_factory=WriteSettings)
     poll: PollSettings = field(default_factory=PollSettings)
     firehose: FirehoseSettings = field(default_factory=FirehoseSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -140,6 +156,19 @@ class Settings:
                 separator=env.get("EVENT_NAME_SEPARATOR", "") or default.firehose.separator,
                 dedupe_concurrency=_int(
                     env, "DEDUPE_CONCURRENCY", default.firehose.dedupe_concurrency
+                ),
+            ),
+            streams=StreamSettings(
+                bucket=env.get("STREAM_BUCKET", "").strip(),
+                prefix=env.get("STREAM_PREFIX", default.streams.prefix).strip().strip("/"),
+                format=cast(
+                    StreamFormat,
+                    _choice(env, "STREAM_FORMAT", default.streams.format, get_args(StreamFormat)),
+                ),
+                max_records=_int(env, "STREAM_MAX_RECORDS", default.streams.max_records),
+                max_bytes=_int(env, "STREAM_MAX_BYTES", default.streams.max_bytes),
+                write_concurrency=_int(
+                    env, "STREAM_WRITE_CONCURRENCY", default.streams.write_concurrency
                 ),
             ),
         )

@@ -74,3 +74,28 @@ def format_summaries(summaries: list[ObjectSummary]) -> str:
         )
         text.append(f"{summary.uri}: {status} ({summary.rows_written:,} rows in {summary.ms} ms)")
     return "\n".join(text)
+
+
+async def lake_apply(settings: Settings, source: str, target: str) -> int:
+    """``worker lake apply``: one run, then a one-line report."""
+    from worker.lake.apply import LakeError, apply_changes, storage_options_for
+
+    try:
+        async with Clients.from_settings(settings) as clients:
+            result = await apply_changes(
+                clients.s3, source, target, storage_options=storage_options_for(target)
+            )
+    except LakeError as exc:
+        print(f"worker lake apply: error: {exc}", file=sys.stderr)
+        return 1
+    if not result.parts:
+        print(f"{target}: up to date, nothing to apply")
+        return 0
+    m = result.metrics
+    print(
+        f"{target}: applied {len(result.parts)} parts, {result.changes} changes "
+        f"({result.rows} keys): {m.get('num_target_rows_inserted', 0)} inserted, "
+        f"{m.get('num_target_rows_updated', 0)} updated, "
+        f"{m.get('num_target_rows_deleted', 0)} deleted; version {result.version}"
+    )
+    return 0
