@@ -114,7 +114,7 @@ def same_value(attribute: dict[str, Any], value: Any) -> bool:
             Decimal(repr(v) if isinstance(v, float) else str(v)) for v in value
         ]
     if kind == "B":
-        return base64.b64decode(value) == raw
+        return bool(base64.b64decode(value) == raw)
     if kind == "L":
         return len(raw) == len(value) and all(
             same_value(a, v) for a, v in zip(raw, value, strict=True)
@@ -122,7 +122,7 @@ def same_value(attribute: dict[str, Any], value: Any) -> bool:
     if kind == "M":
         return raw.keys() == value.keys() and all(same_value(raw[k], value[k]) for k in raw)
     if kind == "SS":
-        return sorted(raw) == value
+        return bool(sorted(raw) == value)
     if kind == "NULL":
         return value is None
     return bool(raw == value)
