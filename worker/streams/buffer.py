@@ -82,7 +82,7 @@ class Part:
     key: str
     body: bytes
     records: int
-    first_sequence: int  # numeric, for checkpointing
+    first_sequence: str  # sequence numbers stay text: they outgrow 64 bits
 
 
 def plan_parts(envelopes: Sequence[dict[str, Any]], settings: StreamSettings) -> list[Part]:
@@ -121,7 +121,7 @@ def _part(prefix: str, changes: list[dict[str, Any]], lines: list[bytes], fmt: s
         body, suffix = _parquet(changes), "parquet"
     else:
         body, suffix = gzip.compress(b"".join(lines), mtime=0), "json.gz"
-    return Part(f"{prefix}/part-{first}-{last}-{digest}.{suffix}", body, len(changes), int(first))
+    return Part(f"{prefix}/part-{first}-{last}-{digest}.{suffix}", body, len(changes), first)
 
 
 PARQUET_JSON_COLUMNS = ("keys", "new_image", "old_image")
@@ -158,10 +158,10 @@ class StreamReport:
     objects: int = 0
     bytes: int = 0
     already_present: int = 0
-    failed_from: int | None = None  # lowest sequence number not durably written
+    failed_from: str | None = None  # lowest sequence number not durably written
 
     def response(self) -> dict[str, list[dict[str, str]]]:
-        failures = [] if self.failed_from is None else [{"itemIdentifier": str(self.failed_from)}]
+        failures = [] if self.failed_from is None else [{"itemIdentifier": self.failed_from}]
         return {"batchItemFailures": failures}
 
 
@@ -192,7 +192,7 @@ async def handle_stream_batch(
             if not isinstance(result, AWS_FAILURES):
                 raise result
             log.warning("stream_part_failed", key=part.key, error=repr(result))
-            if report.failed_from is None or part.first_sequence < report.failed_from:
+            if report.failed_from is None or int(part.first_sequence) < int(report.failed_from):
                 report.failed_from = part.first_sequence
     oldest = min((e["approx_creation_time_ms"] for e in envelopes), default=now_ms)
     log.info(
