@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import random
 import subprocess
@@ -27,6 +26,7 @@ from worker.config import Settings, StreamSettings
 from worker.lake import cdc_rules as rules
 from worker.lake.apply import ApplyResult, apply_changes, read_table
 from worker.runtime import Runtime
+from worker.streams.buffer import record_from_sdk
 from worker.streams.images import convert_image
 
 LAKE = "lake"
@@ -95,17 +95,7 @@ def read_stream(moto: str, stream_arn: str) -> list[dict[str, Any]]:
             iterator = page.get("NextShardIterator")
             if not page["Records"] or not iterator:
                 break
-    for record in records:
-        change = record["dynamodb"]
-        change["ApproximateCreationDateTime"] = change["ApproximateCreationDateTime"].timestamp()
-        record["eventSourceARN"] = stream_arn
-    return orjson.loads(orjson.dumps(records, default=_b64))  # type: ignore[no-any-return]
-
-
-def _b64(value: Any) -> str:
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
-    raise TypeError(type(value))
+    return [record_from_sdk(record, stream_arn) for record in records]
 
 
 def deliver(records: list[dict[str, Any]], batch: int) -> list[str]:

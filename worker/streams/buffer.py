@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import io
@@ -69,6 +70,23 @@ def envelope(record: dict[str, Any], ingest_ts_ms: int) -> dict[str, Any]:
         "ttl_expired": removed and record.get("userIdentity") == _TTL_PRINCIPAL,
         "ingest_ts_ms": ingest_ts_ms,
     }
+
+
+def record_from_sdk(record: dict[str, Any], stream_arn: str) -> dict[str, Any]:
+    """A record from the DynamoDB Streams API (SDK types) in the shape Lambda delivers:
+    ``ApproximateCreationDateTime`` in epoch seconds, binary as base64, the stream ARN."""
+    raw = orjson.dumps(record, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
+    lambda_record = orjson.loads(raw)
+    lambda_record["eventSourceARN"] = stream_arn
+    return dict(lambda_record)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, datetime):
+        return value.timestamp()
+    raise TypeError(f"{type(value).__name__} in a stream record")
 
 
 def source_table(arn: str) -> str:
