@@ -138,7 +138,7 @@ def _part(prefix: str, changes: list[dict[str, Any]], lines: list[bytes], fmt: s
     if fmt == "parquet":
         body, suffix = _parquet(changes), "parquet"
     else:
-        body, suffix = gzip.compress(b"".join(lines), mtime=0), "json.gz"
+        body, suffix = gzip.compress(b"".join(lines), compresslevel=6, mtime=0), "json.gz"
     return Part(f"{prefix}/part-{first}-{last}-{digest}.{suffix}", body, len(changes), first)
 
 
