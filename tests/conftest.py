@@ -164,8 +164,14 @@ def scan(client: Any, table: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def clients(moto: str) -> AsyncIterator[Clients]:
-    async with Clients(max_in_flight=8) as opened:
+def write_path() -> str:
+    """The BatchWriteItem path; modules that test writing run both (DDB_WRITE_PATH)."""
+    return "fast"
+
+
+@pytest.fixture
+async def clients(moto: str, write_path: str) -> AsyncIterator[Clients]:
+    async with Clients(max_in_flight=8, write_path=write_path) as opened:
         yield opened
 
 

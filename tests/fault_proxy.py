@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -37,6 +38,7 @@ class ProxyStats:
     throttled: int = 0
     rejected: list[str] = field(default_factory=list)
     max_batch: int = 0
+    bad_signatures: list[str] = field(default_factory=list)
 
 
 class ForwardingProxy:
@@ -117,6 +119,10 @@ class FaultProxy(ForwardingProxy):
             await asyncio.sleep(self.latency_s)
         target = request.headers.get("X-Amz-Target", "")
         body = await request.read()
+        problem = signature_problem(request, body)
+        if problem:
+            self.stats.bad_signatures.append(problem)
+            return _error(400, "com.amazon.coral.service#InvalidSignatureException", problem)
         if target.endswith(".BatchWriteItem"):
             return await self._batch_write(request, orjson.loads(body))
         operation = target.rpartition(".")[2]
@@ -199,3 +205,30 @@ class S3Faults(ForwardingProxy):
             body = b"<Error><Code>AccessDenied</Code><Message>fault injected</Message></Error>"
             return web.Response(status=403, body=body, content_type="application/xml")
         return await super()._handle(request)
+
+
+def signature_problem(request: web.Request, body: bytes) -> str | None:
+    """Check the request's SigV4 signature as AWS would (with the tests' credentials)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    authorization = request.headers.get("Authorization", "")
+    match = re.match(
+        r"AWS4-HMAC-SHA256 Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_request, "
+        r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})$",
+        authorization,
+    )
+    if not match:
+        return f"malformed Authorization header {authorization!r}"
+    region, service, signed, signature = match.groups()
+    names = signed.split(";")
+    headers = {name: request.headers.get(name, "") for name in names}
+    url = f"http://{request.headers['Host']}{request.path_qs}"
+    rebuilt = AWSRequest(method=request.method, url=url, data=body, headers=headers)
+    rebuilt.context["timestamp"] = request.headers["X-Amz-Date"]
+    auth = SigV4Auth(Credentials("testing", "testing"), service, region)
+    expected = auth.signature(
+        auth.string_to_sign(rebuilt, auth.canonical_request(rebuilt)), rebuilt
+    )
+    return None if expected == signature else "signature does not match"

@@ -21,6 +21,12 @@ from worker.tables import TableRegistry, table_name
 pytestmark = pytest.mark.usefixtures("dynamodb")
 
 
+@pytest.fixture(params=["fast", "sdk"])
+def write_path(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both BatchWriteItem paths."""
+    return str(request.param)
+
+
 def put(s3: Any, key: str, data: bytes) -> ObjectRef:
     s3.put_object(Bucket=BUCKET, Key=key, Body=data)
     return ObjectRef(BUCKET, key)

@@ -22,6 +22,12 @@ from worker.messages import ObjectRef
 from worker.writer import BatchWriter, Window
 
 
+@pytest.fixture(params=["fast", "sdk"])
+def write_path(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both BatchWriteItem paths."""
+    return str(request.param)
+
+
 def items(count: int, start: int = 0) -> list[Item]:
     return [{"id": {"S": f"k{i}"}, "v": {"N": str(i)}} for i in range(start, start + count)]
 
@@ -45,7 +51,7 @@ async def test_under_30pct_unprocessed_and_10pct_throttles_every_row_lands_exact
     s3.put_object(Bucket=BUCKET, Key="load.pb", Body=f.output_file(("t", ["id", "n", "x"], rows)))
     summary = await Loader(settings, clients).load(ObjectRef(BUCKET, "load.pb"))
     assert summary.ok, summary.error
-    assert proxy.stats.rejected == []
+    assert proxy.stats.rejected == [] and proxy.stats.bad_signatures == []
     assert proxy.stats.max_batch <= 25
     assert proxy.stats.items_forwarded == len(rows)  # each row reached DynamoDB once
     assert proxy.stats.items_unprocessed > 0 and proxy.stats.throttled > 0
@@ -59,7 +65,7 @@ async def test_the_window_shrinks_under_throttling_and_recovers_after(
     proxy: FaultProxy, settings: Settings, clients: Clients, prefix: str
 ) -> None:
     create_table(f"{prefix}_w")
-    writer = BatchWriter(clients.dynamodb_writes, settings.write)
+    writer = BatchWriter(clients.batch_writes, settings.write)
     assert writer.window.limit == settings.write.max_in_flight
     proxy.throttle_fraction = 0.6
     await writer.write(f"{prefix}_w", items(1000))
@@ -76,7 +82,7 @@ async def test_writes_that_stay_throttled_fail_as_retryable_after_max_attempts(
     create_table(f"{prefix}_x")
     proxy.throttle_fraction = 1.0
     limited = dataclasses.replace(settings.write, max_attempts=3)
-    writer = BatchWriter(clients.dynamodb_writes, limited)
+    writer = BatchWriter(clients.batch_writes, limited)
     with pytest.raises(WriteThrottled) as caught:
         await writer.write(f"{prefix}_x", items(30))
     assert caught.value.retriable
@@ -95,11 +101,25 @@ async def test_backoff_grows_exponentially_with_full_jitter(
         sleeps.append(seconds)
 
     write = dataclasses.replace(settings.write, max_attempts=5, backoff_cap_s=100.0)
-    writer = BatchWriter(clients.dynamodb_writes, write, sleep=record, jitter=lambda: 1.0)
+    writer = BatchWriter(clients.batch_writes, write, sleep=record, jitter=lambda: 1.0)
     with pytest.raises(WriteThrottled):
         await writer.write(f"{prefix}_b", items(1))
     base = write.backoff_base_s
     assert sleeps == [base * 2, base * 4, base * 8, base * 16]
+
+
+async def test_a_badly_signed_request_is_refused_by_the_proxy(
+    proxy: FaultProxy, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    create_table(f"{prefix}_sig")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    async with Clients(max_in_flight=2, write_path="fast") as wrong:
+        with pytest.raises(ClientError) as caught:
+            await wrong.batch_writes.batch_write_item(
+                RequestItems={f"{prefix}_sig": [{"PutRequest": {"Item": items(1)[0]}}]}
+            )
+    assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
+    assert proxy.stats.bad_signatures == ["signature does not match"]
 
 
 def test_the_proxy_rejects_what_dynamodb_rejects(proxy: FaultProxy, prefix: str) -> None:

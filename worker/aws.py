@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import aioboto3
 import aiohttp
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.ddb_http import DynamoDBHttp
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -47,21 +49,35 @@ def client_config(*, pool: int, attempts: int, validate: bool = True) -> AioConf
     )
 
 
+class BatchWriteClient(Protocol):
+    """What ``worker.writer`` needs: the SDK client or ``worker.ddb_http.DynamoDBHttp``."""
+
+    async def batch_write_item(self, *, RequestItems: Any) -> Any: ...  # noqa: N803
+
+
 class Clients:
     """The process's AWS clients, opened lazily on first ``__aenter__``."""
 
-    def __init__(self, *, max_in_flight: int, region: str | None = None) -> None:
+    def __init__(
+        self, *, max_in_flight: int, region: str | None = None, write_path: str = "fast"
+    ) -> None:
         self._session = aioboto3.Session(region_name=region)
+        self._write_path = write_path
         self._pool = max(10, max_in_flight + 4)
         self._stack: AsyncExitStack | None = None
         self.s3: S3Client
         self.sqs: SQSClient
         self.dynamodb: DynamoDBClient
         self.dynamodb_writes: DynamoDBClient
+        self.batch_writes: BatchWriteClient  # the fast path, or the SDK client
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Clients:
-        return cls(max_in_flight=settings.write.max_in_flight, region=settings.region)
+        return cls(
+            max_in_flight=settings.write.max_in_flight,
+            region=settings.region,
+            write_path=settings.write.path,
+        )
 
     async def __aenter__(self) -> Self:
         if self._stack is not None:
@@ -79,6 +95,17 @@ class Clients:
                     "dynamodb", config=client_config(pool=self._pool, attempts=1, validate=False)
                 )
             )
+            self.batch_writes = self.dynamodb_writes
+            if self._write_path == "fast":
+                meta = self.dynamodb_writes.meta
+                self.batch_writes = await stack.enter_async_context(
+                    DynamoDBHttp(
+                        self._session.get_credentials,  # type: ignore[arg-type]
+                        endpoint_url=meta.endpoint_url,
+                        region=meta.region_name,
+                        pool=self._pool,
+                    )
+                )
         except BaseException:
             await stack.aclose()
             raise

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
 
 NanPolicy = Literal["null", "string", "drop"]
+WritePath = Literal["fast", "sdk"]
 
 MiB = 1024 * 1024
 
@@ -45,6 +46,7 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 class WriteSettings:
     """How the batch writer paces itself (DESIGN §3.4)."""
 
+    path: WritePath = "fast"
     max_in_flight: int = 32
     max_attempts: int = 10
     backoff_base_s: float = 0.05
@@ -134,6 +136,7 @@ class Settings:
                 env, "DEADLINE_MARGIN_MS", default.deadline_margin_ms, minimum=0
             ),
             write=WriteSettings(
+                path=cast(WritePath, _choice(env, "DDB_WRITE_PATH", "fast", get_args(WritePath))),
                 max_in_flight=_int(env, "MAX_IN_FLIGHT", default.write.max_in_flight),
                 max_attempts=_int(env, "MAX_WRITE_ATTEMPTS", default.write.max_attempts),
             ),

@@ -90,7 +90,7 @@ class Loader:
         self.registry = TableRegistry(
             clients.dynamodb, active_timeout_s=settings.table_active_timeout_s
         )
-        self.writer = writer or BatchWriter(clients.dynamodb_writes, settings.write)
+        self.writer = writer or BatchWriter(clients.batch_writes, settings.write)
         self._limits = Limits(settings.max_object_bytes, settings.max_decoded_bytes)
 
     async def load(self, ref: ObjectRef) -> ObjectSummary:

@@ -31,7 +31,7 @@ from worker.errors import InvalidTable, TransientAwsError, WorkerError, WriteThr
 from worker.items import Item
 
 if TYPE_CHECKING:
-    from types_aiobotocore_dynamodb import DynamoDBClient
+    from worker.aws import BatchWriteClient
 
 BATCH_SIZE = 25
 
@@ -131,7 +131,7 @@ class BatchWriter:
 
     def __init__(
         self,
-        client: DynamoDBClient,
+        client: BatchWriteClient,
         settings: WriteSettings,
         *,
         window: Window | None = None,
@@ -190,7 +190,7 @@ class BatchWriter:
         """One BatchWriteItem; returns the items still to write."""
         request = {table: [{"PutRequest": {"Item": item}} for item in pending]}
         try:
-            response = await self._client.batch_write_item(RequestItems=request)  # type: ignore[arg-type]
+            response = await self._client.batch_write_item(RequestItems=request)
         except ClientError as exc:
             code = error_code(exc)
             if code in THROTTLING_CODES:
@@ -214,7 +214,7 @@ class BatchWriter:
             return []
         stats.unprocessed_items += len(left)
         self.window.on_throttle(slot.epoch)
-        return [request["PutRequest"]["Item"] for request in left]  # type: ignore[misc]
+        return [request["PutRequest"]["Item"] for request in left]
 
     def _backoff(self, attempt: int) -> float:
         settings = self._settings
