@@ -21,7 +21,7 @@ from structlog.contextvars import bound_contextvars
 from worker.aws import Clients
 from worker.config import Settings
 from worker.errors import CorruptObject, ObjectUnavailable, WorkerError
-from worker.extract import Extractor
+from worker.extract import Extractor, Rows
 from worker.items import ItemBuilder, Origin
 from worker.log import elapsed_ms, get_logger
 from worker.messages import ObjectRef
@@ -157,6 +157,11 @@ class Loader:
             rows=sum(len(rows) for rows in tables.values()),
             ms=elapsed_ms(start),
         )
+        await self.write_tables(source, tables, summary)
+
+    async def write_tables(self, source: Origin, tables: Rows, summary: ObjectSummary) -> None:
+        """The write stage: every table of decoded rows, concurrently; raises the error
+        that decides the message's fate (a retryable one first)."""
         work = []
         while tables:  # hand each table's rows to its task alone, so they can be freed
             work.append(tables.popitem())

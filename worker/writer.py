@@ -8,9 +8,12 @@
   table never queues more than the window's worth of work.
 - UnprocessedItems, throttling exceptions, 5xx and connection errors resend
   only what was not written, after exponential backoff with full jitter, up to
-  ``max_attempts`` in all. Throttling (and UnprocessedItems, DynamoDB's way of
-  saying it is at capacity) halves the window once per round trip; every clean
-  response grows it by about one request per window's worth of successes.
+  ``max_attempts`` in all. A throttling error, or a response that leaves at
+  least half its items unprocessed (DynamoDB's way of saying the table is at
+  capacity), halves the window, once per round trip; a few unprocessed items
+  (one hot partition) are only resent, since shrinking the shared window for
+  them would slow every other table. Every clean response grows the window by
+  about one request per window's worth of successes.
 """
 
 from __future__ import annotations
@@ -213,7 +216,8 @@ class BatchWriter:
             self.window.on_success()
             return []
         stats.unprocessed_items += len(left)
-        self.window.on_throttle(slot.epoch)
+        if 2 * len(left) >= len(pending):  # mostly refused: the table is at capacity
+            self.window.on_throttle(slot.epoch)
         return [request["PutRequest"]["Item"] for request in left]
 
     def _backoff(self, attempt: int) -> float:
