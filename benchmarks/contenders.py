@@ -80,6 +80,7 @@ async def worker_write(rows: Rows, concurrency: int, latencies: Latencies, path:
         writer = BatchWriter(TimedClient(clients.batch_writes, latencies), settings.write)
         loader = Loader(settings, clients, writer=writer)
         summary = ObjectSummary(uri="rows")
+        _mark_start()
         await loader.write_tables(Origin(BUCKET, KEY, "r1", ""), rows, summary)
     return summary.rows_written
 
@@ -94,7 +95,9 @@ async def worker_pipeline(concurrency: int, latencies: Latencies) -> int:
     settings = Settings(write=WriteSettings(max_in_flight=concurrency))
     async with Clients.from_settings(settings) as clients:
         writer = BatchWriter(TimedClient(clients.batch_writes, latencies), settings.write)
-        summary = await Loader(settings, clients, writer=writer).load(ObjectRef(BUCKET, KEY))
+        loader = Loader(settings, clients, writer=writer)
+        _mark_start()
+        summary = await loader.load(ObjectRef(BUCKET, KEY))
     if summary.error is not None:
         raise summary.error
     return summary.rows_written
@@ -121,6 +124,7 @@ def seed(rows: Rows, concurrency: int, latencies: Latencies, endpoint: str) -> i
     session = boto3.Session()
     _time_calls(session.events, latencies)
     dynamodb = session.resource("dynamodb", endpoint_url=endpoint)
+    _mark_start()
 
     def write(name: str) -> int:
         with dynamodb.Table(name).batch_writer() as batch:
@@ -151,8 +155,13 @@ async def aioboto3_writer(rows: Rows, concurrency: int, latencies: Latencies, en
 
     session = aioboto3.Session()
     _time_calls(session.events, latencies)
-    slices = [(n, r[i::max(1, concurrency // len(rows))]) for n, r in rows.items() for i in range(max(1, concurrency // len(rows)))]
+    slices = [
+        (n, r[i :: max(1, concurrency // len(rows))])
+        for n, r in rows.items()
+        for i in range(max(1, concurrency // len(rows)))
+    ]
     async with session.resource("dynamodb", endpoint_url=endpoint) as dynamodb:
+        _mark_start()
 
         async def write(name: str, part: list[dict[str, Any]]) -> None:
             table = await dynamodb.Table(name)
@@ -164,8 +173,10 @@ async def aioboto3_writer(rows: Rows, concurrency: int, latencies: Latencies, en
     return sum(len(r) for r in rows.values())
 
 
-async def aiodynamo_writer(rows: Rows, concurrency: int, latencies: Latencies, endpoint: str) -> int:
-    """aiodynamo's ``batch_write``: 25-item requests, ``concurrency`` at once, unprocessed resent."""
+async def aiodynamo_writer(
+    rows: Rows, concurrency: int, latencies: Latencies, endpoint: str
+) -> int:
+    """aiodynamo's ``batch_write``: 25-item requests, ``concurrency`` at once, leftovers resent."""
     import aiohttp
     from aiodynamo.client import Client
     from aiodynamo.credentials import Key, StaticCredentials
@@ -175,7 +186,10 @@ async def aiodynamo_writer(rows: Rows, concurrency: int, latencies: Latencies, e
 
     slots = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
-        client = Client(AIOHTTP(http), StaticCredentials(Key("bench", "bench")), "us-east-1", URL(endpoint))
+        _mark_start()
+        client = Client(
+            AIOHTTP(http), StaticCredentials(Key("bench", "bench")), "us-east-1", URL(endpoint)
+        )
 
         async def write(name: str, chunk: list[dict[str, Any]]) -> None:
             async with slots:
@@ -187,7 +201,11 @@ async def aiodynamo_writer(rows: Rows, concurrency: int, latencies: Latencies, e
                     if chunk:
                         await asyncio.sleep(0.05)
 
-        chunks = [(n, [finite(x) for x in r[i : i + 25]]) for n, r in rows.items() for i in range(0, len(r), 25)]
+        chunks = [
+            (n, [finite(x) for x in r[i : i + 25]])
+            for n, r in rows.items()
+            for i in range(0, len(r), 25)
+        ]
         await asyncio.gather(*(write(n, c) for n, c in chunks))
     return sum(len(r) for r in rows.values())
 
@@ -208,11 +226,20 @@ async def raw_limit(rows: Rows, concurrency: int, latencies: Latencies, endpoint
     bodies: list[tuple[bytes, dict[str, str]]] = []
     signer = SigV4Auth(Credentials("bench", "bench"), "dynamodb", "us-east-1")
     for name, table_rows in rows.items():
-        builder = ItemBuilder(KeySchema(KeyAttribute("id", "N")), "null", Origin("b", "k", "r", name))
+        builder = ItemBuilder(
+            KeySchema(KeyAttribute("id", "N")), "null", Origin("b", "k", "r", name)
+        )
         items = builder.convert(table_rows).items
         for i in range(0, len(items), 25):
-            body = encode_request({name: [{"PutRequest": {"Item": it}} for it in items[i : i + 25]]})
-            request = AWSRequest("POST", endpoint + "/", data=body, headers={"Content-Type": CONTENT_TYPE, "X-Amz-Target": TARGET})
+            body = encode_request(
+                {name: [{"PutRequest": {"Item": it}} for it in items[i : i + 25]]}
+            )
+            request = AWSRequest(
+                "POST",
+                endpoint + "/",
+                data=body,
+                headers={"Content-Type": CONTENT_TYPE, "X-Amz-Target": TARGET},
+            )
             signer.add_auth(request)
             bodies.append((body, dict(request.headers.items())))
     _mark_start()
@@ -234,20 +261,31 @@ _started: list[tuple[float, float]] = []
 
 
 def _mark_start() -> None:
-    """Contenders with untimed set-up restart the clock here."""
+    """Set-up (SDK clients, pre-built bodies) is not timed: contenders restart the clock
+    here once it is done. Cold start is measured on its own."""
     _started.append((time.perf_counter(), time.process_time()))
 
 
 CONTENDERS: dict[str, Callable[..., Any]] = {
-    "worker-write": lambda r, c, l, e: worker_write(r, c, l, "fast"),
-    "worker-write-sdk": lambda r, c, l, e: worker_write(r, c, l, "sdk"),
-    "worker-pipeline": lambda r, c, l, e: worker_pipeline(c, l),
+    "worker-write": lambda rows, c, lat, _: worker_write(rows, c, lat, "fast"),
+    "worker-write-sdk": lambda rows, c, lat, _: worker_write(rows, c, lat, "sdk"),
+    "worker-pipeline": lambda _rows, c, lat, _: worker_pipeline(c, lat),
     "seed-style": seed,
     "awswrangler": awswrangler,
     "aioboto3": aioboto3_writer,
     "aiodynamo": aiodynamo_writer,
     "raw-limit": raw_limit,
 }
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water mark (VmHWM). ``ru_maxrss`` would not do: Linux
+    carries it over from the parent across fork and exec."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run(name: str, endpoint: str, data: Path, concurrency: int) -> dict[str, Any]:
@@ -272,10 +310,12 @@ def run(name: str, endpoint: str, data: Path, concurrency: int) -> dict[str, Any
         "rows": written,
         "seconds": seconds,
         "cpu_s": cpu_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "requests": len(ordered),
         "p50_ms": 1000 * statistics.median(ordered) if ordered else None,
-        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else None,
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        if ordered
+        else None,
     }
 
 

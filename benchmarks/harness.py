@@ -20,7 +20,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,8 +66,21 @@ def sink_call(endpoint: str, path: str, body: dict[str, Any] | None = None) -> A
         return orjson.loads(response.read())
 
 
-def run_contender(name: str, endpoint: str, data: Path, concurrency: int, env: dict[str, str]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.contenders", name, "--endpoint", endpoint, "--data", str(data), "--concurrency", str(concurrency)]
+def run_contender(
+    name: str, endpoint: str, data: Path, concurrency: int, env: dict[str, str]
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.contenders",
+        name,
+        "--endpoint",
+        endpoint,
+        "--data",
+        str(data),
+        "--concurrency",
+        str(concurrency),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         return {"contender": name, "error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
@@ -92,7 +104,15 @@ def prepare(env: dict[str, str], endpoint: str, data: bytes, s3_endpoint: str) -
 
 
 def series(
-    contenders: list[str], endpoint: str, path: Path, env: dict[str, str], rows: int, *, unprocessed: float = 0.0, concurrency: int = 32, sink: bool = True
+    contenders: list[str],
+    endpoint: str,
+    path: Path,
+    env: dict[str, str],
+    rows: int,
+    *,
+    unprocessed: float = 0.0,
+    concurrency: int = 32,
+    sink: bool = True,
 ) -> list[dict[str, Any]]:
     results = []
     for name in contenders:
@@ -103,14 +123,19 @@ def series(
             stats = sink_call(endpoint, "/stats")
             result["rows_landed"] = sum(stats["distinct_keys"].values())
             result["rows_lost"] = rows - result["rows_landed"]
-            result["sink_cpu_share"] = stats["cpu_s"] / result["seconds"] if result["seconds"] else None
+            result["sink_cpu_share"] = (
+                stats["cpu_s"] / result["seconds"] if result["seconds"] else None
+            )
             result["sink_rejected"] = stats["rejected_count"]
             result["resent_items"] = stats["items"] - rows
         if "error" not in result:
             result["rows_per_s"] = result["rows"] / result["seconds"]
             result["cpu_s_per_100k"] = result["cpu_s"] * 100_000 / max(1, result["rows"])
         results.append(result)
-        print(f"  {name:<17} {result.get('rows_per_s', 0):>10,.0f} rows/s  {result.get('error', '')}", flush=True)
+        print(
+            f"  {name:<17} {result.get('rows_per_s', 0):>10,.0f} rows/s  {result.get('error', '')}",
+            flush=True,
+        )
     raw = next((r for r in results if r["contender"] == "raw-limit" and "rows_per_s" in r), None)
     for result in results:
         if raw and "rows_per_s" in result:
@@ -119,41 +144,99 @@ def series(
 
 
 def cold_start(env: dict[str, str]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import lambda_entry"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import lambda_entry"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     total_us = 0
     for line in done.stderr.splitlines():
         parts = line.split("|")
         if len(parts) == 3 and parts[2].strip() == "lambda_entry":
             total_us = int(parts[1].strip())
-    script = "import time; t=time.perf_counter(); import lambda_entry; print((time.perf_counter()-t)*1000)"
-    wall = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    return {"import_lambda_entry_ms": total_us / 1000, "import_wall_ms": float(wall.stdout.strip() or 0)}
+    script = (
+        "import time; t = time.perf_counter(); import lambda_entry; "
+        "print((time.perf_counter() - t) * 1000)"
+    )
+    wall = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return {
+        "import_lambda_entry_ms": total_us / 1000,
+        "import_wall_ms": float(wall.stdout.strip() or 0),
+    }
 
 
 def memory(env: dict[str, str], sizes_mb: list[int], scratch: Path) -> list[dict[str, Any]]:
-    """Peak RSS of ``worker load FILE`` (DynamoDB: the sink) per decoded file size."""
+    """Peak RSS (VmHWM) of ``worker load FILE`` (DynamoDB: the sink) per decoded file size.
+
+    The files are made by ``worker sample`` in a process of their own, so the
+    harness never holds them."""
     results = []
     for size in sizes_mb:
         rows = size * 100_000 // 10  # the sample's rows run at about 100 bytes each
         path = scratch / f"mem-{size}.pb"
-        data = sample_file(rows=rows, tables=TABLES).SerializeToString()
-        path.write_bytes(data)
-        del data
-        process = subprocess.Popen([sys.executable, "-m", "worker", "load", str(path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(process.pid, 0)
-        decoded_mb = path.stat().st_size / 2**20
-        peak_mb = usage.ru_maxrss / 1024
-        results.append({"decoded_mb": round(decoded_mb, 1), "rows": rows, "peak_rss_mb": round(peak_mb, 1), "ratio": round(peak_mb / decoded_mb, 2), "exit": os.waitstatus_to_exitcode(status)})
-        print(f"  {decoded_mb:7.1f} MB decoded -> peak RSS {peak_mb:8.1f} MB ({peak_mb / decoded_mb:.1f}x)", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "worker", "sample", str(path), "--rows", str(rows),
+             "--tables", str(TABLES)],
+            cwd=ROOT, env=env, check=True, capture_output=True, timeout=3600,
+        )  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", MEASURED_LOAD, str(path)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
+        )  # fmt: skip
+        peak_kb = next(
+            (
+                int(line.split()[1])
+                for line in done.stderr.splitlines()
+                if line.startswith("VmHWM:")
+            ),
+            0,
+        )
+        decoded_mb, peak_mb = path.stat().st_size / 2**20, peak_kb / 1024
+        results.append(
+            {
+                "decoded_mb": round(decoded_mb, 1),
+                "rows": rows,
+                "peak_rss_mb": round(peak_mb, 1),
+                "ratio": round(peak_mb / decoded_mb, 2),
+                "exit": done.returncode,
+            }
+        )
+        print(
+            f"  {decoded_mb:7.1f} MB decoded -> peak RSS {peak_mb:8.1f} MB "
+            f"({peak_mb / decoded_mb:.1f}x), exit {done.returncode}",
+            flush=True,
+        )
         path.unlink()
     return results
+
+
+MEASURED_LOAD = """
+import sys
+from worker.cli import main
+code = main(["load", sys.argv[1]])
+with open("/proc/self/status") as status:
+    sys.stderr.write("".join(line for line in status if line.startswith("VmHWM:")))
+raise SystemExit(code)
+"""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--moto-rows", type=int, default=20_000)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves every contender runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes: proves every contender runs"
+    )
     parser.add_argument("--memory-mb", type=int, nargs="*", default=[10, 100, 400])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -162,14 +245,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "command": "make bench" if not args.quick else "python -m benchmarks --quick",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "rows": args.rows,
+        "moto_rows": args.moto_rows,
         "tables": TABLES,
     }
     with tempfile.TemporaryDirectory() as scratch_dir, moto_process() as moto:
         scratch = Path(scratch_dir)
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_ENDPOINT_URL_S3": moto, "LOG_LEVEL": "ERROR"}
-        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_") and k != "AWS_ENDPOINT_URL_S3"})
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_ENDPOINT_URL_S3": moto,
+            "LOG_LEVEL": "ERROR",
+        }
+        os.environ.update(
+            {k: v for k, v in env.items() if k.startswith("AWS_") and k != "AWS_ENDPOINT_URL_S3"}
+        )
         data = sample_file(rows=args.rows, tables=TABLES).SerializeToString()
         path = scratch / "sample.pb"
         path.write_bytes(data)
@@ -180,11 +280,15 @@ def main() -> None:
             report["unthrottled"] = series(CONTENDERS, sink, path, env_sink, args.rows)
             print("20% UnprocessedItems", flush=True)
             throttled = [c for c in CONTENDERS if c not in ("raw-limit", "worker-pipeline")]
-            report["unprocessed_20pct"] = series(throttled, sink, path, env_sink, args.rows, unprocessed=0.2)
+            report["unprocessed_20pct"] = series(
+                throttled, sink, path, env_sink, args.rows, unprocessed=0.2
+            )
             print("scaling MAX_IN_FLIGHT", flush=True)
             report["scaling"] = []
             for window in (1, 4, 16, 64):
-                (result,) = series(["worker-write"], sink, path, env_sink, args.rows, concurrency=window)
+                (result,) = series(
+                    ["worker-write"], sink, path, env_sink, args.rows, concurrency=window
+                )
                 result["max_in_flight"] = window
                 report["scaling"].append(result)
             print("memory", flush=True)
@@ -195,7 +299,14 @@ def main() -> None:
         env_moto = {**env, "AWS_ENDPOINT_URL_DYNAMODB": moto}
         prepare(env, moto, small_data, moto)
         print(f"moto, {args.moto_rows:,} rows", flush=True)
-        report["moto"] = series(["worker-write", "worker-write-sdk", "aioboto3", "seed-style"], moto, small, env_moto, args.moto_rows, sink=False)
+        report["moto"] = series(
+            ["worker-write", "worker-write-sdk", "aioboto3", "seed-style"],
+            moto,
+            small,
+            env_moto,
+            args.moto_rows,
+            sink=False,
+        )
         report["cold_start"] = cold_start(env)
     from benchmarks.report import write_report
 

@@ -27,12 +27,14 @@ def table(results: list[dict[str, Any]], *, lost: bool = False) -> list[str]:
         elif lost:
             lines.append(
                 f"| {r['contender']} | {_fmt(r['seconds'], 2)} | {_fmt(r['rows_per_s'])} | "
-                f"{_fmt(r.get('resent_items'))} | {_fmt(r.get('rows_lost'))} | {_fmt(r['cpu_s_per_100k'], 2)} |"
+                f"{_fmt(r.get('resent_items'))} | {_fmt(r.get('rows_lost'))} | "
+                f"{_fmt(r['cpu_s_per_100k'], 2)} |"
             )
         else:
             lines.append(
                 f"| {r['contender']} | {_fmt(r['rows_per_s'])} | {_fmt(r.get('vs_raw'), 2)} | "
-                f"{_fmt(r['cpu_s_per_100k'], 2)} | {_fmt(r['peak_rss_mb'])} | {_fmt(r['p50_ms'], 1)} | {_fmt(r['p99_ms'], 1)} |"
+                f"{_fmt(r['cpu_s_per_100k'], 2)} | {_fmt(r['peak_rss_mb'])} | "
+                f"{_fmt(r['p50_ms'], 1)} | {_fmt(r['p99_ms'], 1)} |"
             )
     return lines
 
@@ -41,25 +43,38 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     (out / "results.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     machine = report["machine"]
     md = [
-        f"# Benchmark results\n\n`{report['command']}` on {machine['cpus']} CPUs, Python {machine['python']}, "
+        f"# Benchmark results\n\n`{report['command']}` on {machine['cpus']} CPUs, "
+        f"Python {machine['python']}, "
         f"{machine['platform']}; {report['rows']:,} rows in {report['tables']} tables.\n",
         "## Un-throttled, fast sink\n",
         *table(report["unthrottled"]),
         "\nSink CPU share (sink CPU seconds / wall seconds), per contender: "
-        + ", ".join(f"{r['contender']} {_fmt(r.get('sink_cpu_share'), 2)}" for r in report["unthrottled"] if "error" not in r),
+        + ", ".join(
+            f"{r['contender']} {_fmt(r.get('sink_cpu_share'), 2)}"
+            for r in report["unthrottled"]
+            if "error" not in r
+        ),
         "\n## 20% of items returned as UnprocessedItems\n",
         *table(report["unprocessed_20pct"], lost=True),
         "\n## Worker write stage by MAX_IN_FLIGHT\n",
         "| MAX_IN_FLIGHT | rows/s | p50 ms | p99 ms |",
         "|---|---|---|---|",
-        *(f"| {r['max_in_flight']} | {_fmt(r.get('rows_per_s'))} | {_fmt(r.get('p50_ms'), 1)} | {_fmt(r.get('p99_ms'), 1)} |" for r in report["scaling"]),
+        *(
+            f"| {r['max_in_flight']} | {_fmt(r.get('rows_per_s'))} | "
+            f"{_fmt(r.get('p50_ms'), 1)} | {_fmt(r.get('p99_ms'), 1)} |"
+            for r in report["scaling"]
+        ),
         "\n## Against moto's server\n",
         *table(report["moto"]),
         "\n## Memory: peak RSS of `worker load FILE` by decoded size\n",
         "| decoded MB | rows | peak RSS MB | ratio |",
         "|---|---|---|---|",
-        *(f"| {m['decoded_mb']} | {_fmt(m['rows'])} | {m['peak_rss_mb']} | {m['ratio']} |" for m in report["memory"]),
-        f"\n## Cold start\n\n`python -X importtime -c \"import lambda_entry\"`: {report['cold_start']['import_lambda_entry_ms']:.0f} ms "
+        *(
+            f"| {m['decoded_mb']} | {_fmt(m['rows'])} | {m['peak_rss_mb']} | {m['ratio']} |"
+            for m in report["memory"]
+        ),
+        '\n## Cold start\n\n`python -X importtime -c "import lambda_entry"`: '
+        f"{report['cold_start']['import_lambda_entry_ms']:.0f} ms "
         f"(wall, measured in-process: {report['cold_start']['import_wall_ms']:.0f} ms).",
     ]
     (out / "results.md").write_text("\n".join(md) + "\n")

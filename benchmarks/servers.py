@@ -21,11 +21,12 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float 
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
         except OSError:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise RuntimeError(f"server on port {port} did not start") from None
             time.sleep(0.1)
+        else:
+            return
 
 
 @contextlib.contextmanager

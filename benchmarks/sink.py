@@ -76,37 +76,29 @@ class Sink:
 
     def batch_write(self, body: bytes) -> web.Response:
         self.requests += 1
-        if _BAD_NUMBER.search(body):
-            return self.reject("a number is not finite")
-        for match in _NUMBER.finditer(body):
-            digits = match.group(1).lstrip(b"-").split(b"e")[0].split(b"E")[0].replace(b".", b"")
-            if len(digits.strip(b"0")) > 38:
-                return self.reject("a number has more than 38 digits")
         requests = orjson.loads(body)["RequestItems"]
-        count = sum(len(r) for r in requests.values())
-        if not 1 <= count <= 25:
-            return self.reject(f"{count} requests in one batch")
+        missing = [t for t in requests if t not in self.tables]
+        if missing:
+            return _error("ResourceNotFoundException", f"Table {missing[0]} not found")
+        keys = {t: [self.key_of(t, p) for p in puts] for t, puts in requests.items()}
+        problem = number_problem(body) or batch_problem(requests, keys, large=len(body) > MAX_ITEM)
+        if problem:
+            return self.reject(problem)
         unprocessed: dict[str, list[Any]] = {}
         for table, puts in requests.items():
-            names = self.tables.get(table)
-            if names is None:
-                return _error("ResourceNotFoundException", f"Table {table} not found")
-            keys = [tuple(str(put["PutRequest"]["Item"][n]) for n in names) for put in puts]
-            if len(set(keys)) != len(keys):
-                return self.reject("Provided list of item keys contains duplicates")
-            if len(body) > MAX_ITEM:
-                for put in puts:
-                    if len(orjson.dumps(put["PutRequest"]["Item"])) > MAX_ITEM * 4 // 3 + 1024:
-                        return self.reject("Item size has exceeded the maximum allowed size")
             accepted = self.keys.setdefault(table, set())
-            for put, key in zip(puts, keys, strict=True):
+            for put, key in zip(puts, keys[table], strict=True):
                 if self.unprocessed and self.random.random() < self.unprocessed:
                     unprocessed.setdefault(table, []).append(put)
                 else:
                     accepted.add(key)
-        self.items += count
+        self.items += sum(len(k) for k in keys.values())
         self.returned += sum(len(v) for v in unprocessed.values())
         return _json({"UnprocessedItems": unprocessed})
+
+    def key_of(self, table: str, put: dict[str, Any]) -> tuple[str, ...]:
+        item = put["PutRequest"]["Item"]
+        return tuple(str(item.get(name)) for name in self.tables[table])
 
     def reject(self, why: str) -> web.Response:
         self.rejected.append(why)
@@ -125,13 +117,60 @@ class Sink:
         }
 
 
+def number_problem(body: bytes) -> str | None:
+    """Non-finite or over-precise numbers, found in the raw body without parsing it."""
+    if _BAD_NUMBER.search(body):
+        return "a number is not finite"
+    for match in _NUMBER.finditer(body):
+        digits = match.group(1).lstrip(b"-").split(b"e")[0].split(b"E")[0].replace(b".", b"")
+        if len(digits.strip(b"0")) > 38:
+            return "a number has more than 38 digits"
+    return None
+
+
+def batch_problem(
+    requests: dict[str, list[Any]], keys: dict[str, list[tuple[str, ...]]], *, large: bool
+) -> str | None:
+    count = sum(len(k) for k in keys.values())
+    if not 1 <= count <= 25:
+        return f"{count} requests in one batch"
+    for table_keys in keys.values():
+        if len(set(table_keys)) != len(table_keys):
+            return "Provided list of item keys contains duplicates"
+    if large:  # only a body over 400 KB can hold an item over 400 KB
+        for puts in requests.values():
+            for put in puts:
+                item = put["PutRequest"]["Item"]
+                if sum(len(k.encode()) + value_size(v) for k, v in item.items()) > MAX_ITEM:
+                    return "Item size has exceeded the maximum allowed size"
+    return None
+
+
+def value_size(attribute: dict[str, Any]) -> int:
+    """DynamoDB's size of one wire-format value (numbers by their digit count)."""
+    ((kind, value),) = attribute.items()
+    if kind == "S":
+        return len(value.encode())
+    if kind == "N":
+        return (len(value) + 1) // 2 + 1
+    if kind == "B":
+        return len(value) * 3 // 4
+    if kind == "L":
+        return 3 + sum(1 + value_size(v) for v in value)
+    if kind == "M":
+        return 3 + sum(1 + len(k.encode()) + value_size(v) for k, v in value.items())
+    return 1
+
+
 def _json(doc: Any) -> web.Response:
     return web.Response(body=orjson.dumps(doc), content_type="application/x-amz-json-1.0")
 
 
 def _error(code: str, message: str) -> web.Response:
     body = {"__type": f"com.amazonaws.dynamodb.v20120810#{code}", "message": message}
-    return web.Response(status=400, body=orjson.dumps(body), content_type="application/x-amz-json-1.0")
+    return web.Response(
+        status=400, body=orjson.dumps(body), content_type="application/x-amz-json-1.0"
+    )
 
 
 def make_app(sink: Sink) -> web.Application:
@@ -157,7 +196,13 @@ def main() -> None:
     parser.add_argument("--unprocessed", type=float, default=0.0)
     args = parser.parse_args()
     uvloop.install()
-    web.run_app(make_app(Sink(args.unprocessed)), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(
+        make_app(Sink(args.unprocessed)),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+    )
 
 
 if __name__ == "__main__":

@@ -103,17 +103,23 @@ class ItemBuilder:
         self.nan_policy = nan_policy
         self.origin = origin
         self._result = Conversion()
+        self._name_sizes: dict[str, int] = {}
 
     def convert(self, rows: list[dict[str, Any]]) -> Conversion:
         """Build the items of ``rows``: unique keys, last row wins, skips counted."""
         result = self._result = Conversion()
-        by_key: dict[tuple[str, ...], tuple[Item, int]] = {}
+        single = self.schema.hash if self.schema.range is None else None
+        by_key: dict[Any, tuple[Item, int]] = {}
         for index, row in enumerate(rows):
             built = self._item(index, row)
             if built is None:
                 continue
             item, size = built
-            identity = tuple(_identity(item[k.name]) for k in self.schema.attributes)
+            identity = (
+                _identity(item[single.name])
+                if single is not None
+                else tuple(_identity(item[k.name]) for k in self.schema.attributes)
+            )
             if identity in by_key:
                 result.duplicates += 1
             by_key[identity] = (item, size)
@@ -126,34 +132,66 @@ class ItemBuilder:
         if not isinstance(row, dict):
             result.skip("not_a_row", index, f"{type(row).__name__} is not a dict")
             return None
-        item: Item = {}
-        size = 0
         try:
-            for name, value in row.items():
-                attr = self._value(value, in_list=False)
-                if attr is not None:
-                    item[name] = attr
-                    size += _utf8_len(name) + _attr_size(attr)
+            item, size = self._attributes(row)
         except _UnsupportedError as exc:
             result.skip("unsupported_type", index, str(exc))
             return None
         for position, key in enumerate(self.schema.attributes):
-            attr = self._key(index, key, row.get(key.name))
-            if attr is None:
-                result.skip("invalid_key", index, f"{key.name}={row.get(key.name)!r}")
-                return None
+            present = item.get(key.name)
+            if present is not None and key.type in present and present[key.type] not in ("", b""):
+                attr = present  # the row's own value already has the key's type: the common case
+            else:
+                made = self._key(index, key, row.get(key.name))
+                if made is None:
+                    result.skip("invalid_key", index, f"{key.name}={row.get(key.name)!r}")
+                    return None
+                attr = made
+                if present is not None:
+                    size -= _utf8_len(key.name) + _attr_size(present)
+                item[key.name] = attr
+                size += _utf8_len(key.name) + _attr_size(attr)
             limit = MAX_HASH_KEY_BYTES if position == 0 else MAX_RANGE_KEY_BYTES
-            if _attr_size(attr) > limit:
+            if key.type != "N" and _attr_size(attr) > limit:
                 result.skip("key_too_large", index, f"{key.name} is over {limit} bytes")
                 return None
-            old = item.get(key.name)
-            if old is not None:
-                size -= _utf8_len(key.name) + _attr_size(old)
-            item[key.name] = attr
-            size += _utf8_len(key.name) + _attr_size(attr)
         if size > MAX_ITEM_BYTES:
             result.skip("item_too_large", index, f"{size} bytes")
             return None
+        return item, size
+
+    def _attributes(self, row: dict[str, Any]) -> tuple[Item, int]:
+        """The row's values as attributes, and their size by DynamoDB's rules.
+
+        Strings and in-range numbers, nearly every value, are handled inline;
+        everything else goes through ``_value``. Column names repeat from row to
+        row, so their sizes are remembered.
+        """
+        item: Item = {}
+        size = 0
+        names = self._name_sizes
+        for name, value in row.items():
+            kind = type(value)
+            attr: Attr | None
+            if kind is str:
+                attr = {"S": value}
+                value_size = len(value) if value.isascii() else _utf8_len(value)
+            elif kind is int and -_INT_LIMIT < value < _INT_LIMIT:
+                text = str(value)
+                attr, value_size = {"N": text}, (len(text) + 1) // 2 + 1
+            elif kind is float and (value == 0.0 or _FLOAT_MIN <= abs(value) < _FLOAT_MAX):
+                text = repr(value)
+                attr, value_size = {"N": text}, (len(text) + 1) // 2 + 1
+            else:
+                attr = self._value(value, in_list=False)
+                if attr is None:
+                    continue
+                value_size = _attr_size(attr)
+            item[name] = attr
+            name_size = names.get(name)
+            if name_size is None:
+                name_size = names[name] = _utf8_len(name)
+            size += name_size + value_size
         return item, size
 
     def _key(self, index: int, key: KeyAttribute, value: Any) -> Attr | None:
@@ -265,10 +303,14 @@ class ItemBuilder:
 
 def _identity(attr: Attr) -> Any:
     """A key value as DynamoDB compares it: numbers by value ("3.0" is "3")."""
-    ((kind, value),) = attr.items()
-    if kind != "N":
-        return value
-    return int(value) if value.lstrip("-").isdigit() else Decimal(value).normalize(_EXACT)
+    for kind, value in attr.items():
+        if kind != "N" or value.isdigit():  # strings, and the canonical text of naturals
+            return value
+        number = Decimal(value)
+        if number == number.to_integral_value():
+            return str(int(number))  # "-0", "3.0", "1e2": the text an int would have
+        return str(number.normalize(_EXACT))
+    return None
 
 
 def _significant_digits(value: Decimal) -> int:

@@ -1,0 +1,52 @@
+"""The benchmark harness cannot rot: every contender runs at a tiny size (no timing asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from benchmarks.harness import CONTENDERS
+from benchmarks.sink import batch_problem, number_problem
+from tests.processes import ROOT
+
+
+def test_the_sink_refuses_what_dynamodb_refuses() -> None:
+    assert number_problem(b'{"N":"NaN"}') == "a number is not finite"
+    assert number_problem(b'{"N":"1' + b"1" * 38 + b'"}') == "a number has more than 38 digits"
+    assert number_problem(b'{"N":"1.5e10"}') is None
+    put = {"PutRequest": {"Item": {"id": {"N": "1"}}}}
+    assert batch_problem({"t": [put] * 26}, {"t": [("1",)] * 26}, large=False)
+    assert batch_problem({"t": [put] * 2}, {"t": [("1",), ("1",)]}, large=False)
+    big = {"PutRequest": {"Item": {"id": {"N": "1"}, "s": {"S": "x" * 410_000}}}}
+    assert batch_problem({"t": [big]}, {"t": [("1",)]}, large=True)
+    assert batch_problem({"t": [put]}, {"t": [("1",)]}, large=False) is None
+
+
+def test_every_contender_runs_and_the_report_is_written(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT")}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = orjson.loads((tmp_path / "results.json").read_bytes())
+    unthrottled = {r["contender"]: r for r in report["unthrottled"]}
+    assert set(unthrottled) == set(CONTENDERS)
+    for result in report["unthrottled"] + report["unprocessed_20pct"] + report["moto"]:
+        assert "error" not in result, result
+        assert result["rows"] == (
+            report["rows"] if result in report["unthrottled"] else result["rows"]
+        )
+    for result in report["unthrottled"] + report["unprocessed_20pct"]:
+        assert result["sink_rejected"] == 0, result  # nobody sent what DynamoDB refuses
+    throttled = {r["contender"]: r for r in report["unprocessed_20pct"]}
+    assert throttled["worker-write"]["rows_lost"] == 0
+    assert throttled["worker-write"]["resent_items"] > 0
+    assert [r["max_in_flight"] for r in report["scaling"]] == [1, 4, 16, 64]
+    assert report["memory"][0]["exit"] == 0 and report["cold_start"]["import_lambda_entry_ms"] > 0
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| worker-write |" in (tmp_path / "results.md").read_text()
