@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -24,7 +22,7 @@ import boto3
 import orjson
 import uvloop
 
-from benchmarks.servers import moto_process
+from benchmarks.servers import local_aws_env, moto_process
 from worker import log
 from worker.aws import Clients
 from worker.config import FirehoseSettings, Settings
@@ -76,16 +74,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     log.configure("WARNING")
-    with moto_process() as endpoint, tempfile.NamedTemporaryFile() as empty:
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_REGION="us-east-1",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_CONFIG_FILE=empty.name,
-            AWS_SHARED_CREDENTIALS_FILE=empty.name,
-        )
+    with moto_process() as endpoint, local_aws_env(endpoint):
         ours, seed = [], []
         for round_ in range(args.rounds):
             event = make_event(args.records, round_)

@@ -21,14 +21,13 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import orjson
 
-from benchmarks.servers import free_port, moto_process, wait_for_port
+from benchmarks.servers import moto_process, sink_process
 from worker.sample import sample_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,20 +42,6 @@ CONTENDERS = [
     "seed-style",
 ]
 TABLES = 8
-
-
-@contextlib.contextmanager
-def sink_process() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.sink", "--port", str(port)], cwd=ROOT
-    )
-    try:
-        wait_for_port(port, process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def sink_call(endpoint: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -181,6 +166,7 @@ def memory(env: dict[str, str], sizes_mb: list[int], scratch: Path) -> list[dict
     The files are made by ``worker sample`` in a process of their own, so the
     harness never holds them."""
     results = []
+    env = {**env, "MAX_OBJECT_BYTES": str(8 * 2**30), "MAX_DECODED_BYTES": str(8 * 2**30)}
     for size in sizes_mb:
         rows = size * 100_000 // 10  # the sample's rows run at about 100 bytes each
         path = scratch / f"mem-{size}.pb"

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
-import tempfile
 import time
 
 import uvloop
 
-from benchmarks.servers import moto_process
+from benchmarks.servers import local_aws_env, moto_process
 from worker import log
 from worker.aws import Clients
 from worker.config import Settings
@@ -48,15 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     log.configure("WARNING")
-    with moto_process() as endpoint, tempfile.NamedTemporaryFile() as empty:
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID="bench",
-            AWS_SECRET_ACCESS_KEY="bench",
-            AWS_REGION="us-east-1",
-            AWS_CONFIG_FILE=empty.name,
-            AWS_SHARED_CREDENTIALS_FILE=empty.name,
-        )
+    with moto_process() as endpoint, local_aws_env(endpoint):
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()

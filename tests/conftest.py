@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -178,3 +178,23 @@ async def clients(moto: str, write_path: str) -> AsyncIterator[Clients]:
 @pytest.fixture
 async def loader(settings: Settings, clients: Clients) -> Loader:
     return Loader(settings, clients)
+
+
+@pytest.fixture
+def install_runtime() -> Iterator[Callable[[Settings], Callable[..., Any]]]:
+    """Give ``lambda_entry`` a runtime built from the given settings; returns its handler."""
+    import lambda_entry
+    from worker.runtime import Runtime
+
+    runtimes: list[Runtime] = []
+
+    def install(settings: Settings) -> Callable[..., Any]:
+        runtime = Runtime(settings)
+        runtimes.append(runtime)
+        lambda_entry._runtime = runtime
+        return lambda_entry.handler
+
+    yield install
+    lambda_entry._runtime = None
+    for runtime in runtimes:
+        runtime.close()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests import factories as f
 from tests.fault_proxy import FaultProxy
 from worker.aws import Clients
-from worker.config import FirehoseSettings
+from worker.config import FirehoseSettings, Settings
 from worker.firehose import (
     MAX_RESPONSE_BYTES,
     Transformer,
@@ -285,18 +285,9 @@ async def test_each_unique_key_yields_exactly_one_ok_across_batches_and_retries(
 
 
 def test_the_lambda_handler_routes_firehose_events(
-    moto: str, cache_table: str, monkeypatch: pytest.MonkeyPatch
+    cache_table: str, install_runtime: Callable[[Settings], Any]
 ) -> None:
-    import lambda_entry
-    from worker.config import Settings
-    from worker.runtime import Runtime
-
-    settings = Settings(firehose=FirehoseSettings(cache_table=cache_table))
-    lambda_entry._runtime = runtime = Runtime(settings)
-    try:
-        event = f.firehose_event(f.firehose_record(event_doc(), "r1"))
-        response = lambda_entry.handler(event, f.LambdaContext())
-    finally:
-        lambda_entry._runtime = None
-        runtime.close()
+    handler = install_runtime(Settings(firehose=FirehoseSettings(cache_table=cache_table)))
+    event = f.firehose_event(f.firehose_record(event_doc(), "r1"))
+    response = handler(event, f.LambdaContext())
     assert response["records"][0]["result"] == "Ok"

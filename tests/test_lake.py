@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ from worker.aws import Clients
 from worker.config import Settings, StreamSettings
 from worker.lake import cdc_rules as rules
 from worker.lake.apply import ApplyResult, apply_changes, read_table
-from worker.runtime import Runtime
 from worker.streams.buffer import record_from_sdk
 from worker.streams.images import convert_image
 
@@ -145,16 +145,22 @@ def apply(target: str) -> ApplyResult:
 
 
 @pytest.fixture
-def stream_runtime(moto: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+def lake(moto: str, install_runtime: Callable[[Settings], Any]) -> Callable[..., None]:
+    """The lake bucket, and a way to give the handler its stream settings."""
     boto3.client("s3", endpoint_url=moto).create_bucket(Bucket=LAKE)
+    return lambda **streams: install_runtime(
+        Settings(streams=StreamSettings(bucket=LAKE, **streams))
+    )
+
+
+@pytest.fixture
+def stream_runtime(
+    moto: str, lake: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[S3Faults]:
     with S3Faults(moto, fail_key="/cdc/src/") as faults:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", faults.url)  # the handler's S3 goes through it
-        runtime = Runtime(Settings(streams=StreamSettings(bucket=LAKE, max_records=150)))
-        lambda_entry._runtime = runtime
+        lake(max_records=150)
         yield faults
-        lambda_entry._runtime = None
-        runtime.close()
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
 
 
 def test_the_delta_table_ends_equal_to_the_source_table(
@@ -178,59 +184,50 @@ def test_the_delta_table_ends_equal_to_the_source_table(
     assert first.parts and first.version is not None
     assert lake_rows(target) == source_items(ddb)
 
+    before = read_table(target)
     again = apply(target)
-    assert again.parts == [] and read_table(target) == read_table(target)
+    assert again.parts == [] and read_table(target) == before
     from deltalake import DeltaTable
 
     assert DeltaTable(target).version() == first.version  # no new commit at all
 
 
 def test_apply_of_new_parts_updates_deletes_and_adds_columns(
-    moto: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lake: Callable[..., None], tmp_path: Path
 ) -> None:
-    boto3.client("s3", endpoint_url=moto).create_bucket(Bucket=LAKE)
-    runtime = Runtime(Settings(streams=StreamSettings(bucket=LAKE)))
-    lambda_entry._runtime = runtime
+    lake()
     target = str(tmp_path / "delta")
-    try:
-        deliver(
-            [
-                f.stream_record(1, key="a", new={"v": {"N": "1"}}),
-                f.stream_record(2, key="b", new={"v": {"N": "2"}}),
-            ],
-            batch=10,
-        )
-        apply(target)
-        deliver(
-            [
-                f.stream_record(3, "MODIFY", key="a", new={"v": {"N": "3"}, "w": {"S": "new"}}),
-                f.stream_record(4, "REMOVE", key="b", old={"v": {"N": "2"}}),
-                f.stream_record(0, "MODIFY", key="a", new={"v": {"N": "-1"}}),  # stale: ignored
-            ],
-            batch=10,
-        )
-        result = apply(target)
-    finally:
-        lambda_entry._runtime = None
-        runtime.close()
+    deliver(
+        [
+            f.stream_record(1, key="a", new={"v": {"N": "1"}}),
+            f.stream_record(2, key="b", new={"v": {"N": "2"}}),
+        ],
+        batch=10,
+    )
+    apply(target)
+    deliver(
+        [
+            f.stream_record(3, "MODIFY", key="a", new={"v": {"N": "3"}, "w": {"S": "new"}}),
+            f.stream_record(4, "REMOVE", key="b", old={"v": {"N": "2"}}),
+            f.stream_record(0, "MODIFY", key="a", new={"v": {"N": "-1"}}),  # stale: ignored
+        ],
+        batch=10,
+    )
+    result = apply(target)
     assert result.metrics["num_target_rows_deleted"] == 1
     (row,) = read_table(target)
     assert (row["id"], row["v"], row["w"]) == ("a", 3, "new")
     assert row[rules.SEQUENCE_COLUMN] == rules.padded_sequence(3)
 
 
-def test_two_concurrent_applies_leave_one_row_per_key(moto: str, tmp_path: Path) -> None:
-    boto3.client("s3", endpoint_url=moto).create_bucket(Bucket=LAKE)
-    runtime = Runtime(Settings(streams=StreamSettings(bucket=LAKE, max_records=5)))
-    lambda_entry._runtime = runtime
-    try:
-        deliver(
-            [f.stream_record(s, key=f"k{s % 17}", new={"v": {"N": str(s)}}) for s in range(1, 60)],
-            20,
-        )
-    finally:
-        lambda_entry._runtime = None
-        runtime.close()
+def test_two_concurrent_applies_leave_one_row_per_key(
+    lake: Callable[..., None], tmp_path: Path
+) -> None:
+    lake(max_records=5)
+    deliver(
+        [f.stream_record(s, key=f"k{s % 17}", new={"v": {"N": str(s)}}) for s in range(1, 60)],
+        20,
+    )
     target = str(tmp_path / "delta")
     results: list[ApplyResult | BaseException] = []
 
@@ -254,15 +251,11 @@ def test_two_concurrent_applies_leave_one_row_per_key(moto: str, tmp_path: Path)
     assert {r["id"]: r["v"] for r in rows} == latest
 
 
-def test_the_cli_applies_once_then_reports_up_to_date(moto: str, tmp_path: Path) -> None:
-    boto3.client("s3", endpoint_url=moto).create_bucket(Bucket=LAKE)
-    runtime = Runtime(Settings(streams=StreamSettings(bucket=LAKE)))
-    lambda_entry._runtime = runtime
-    try:
-        deliver([f.stream_record(1, key="a", new={"v": {"N": "1"}})], 10)
-    finally:
-        lambda_entry._runtime = None
-        runtime.close()
+def test_the_cli_applies_once_then_reports_up_to_date(
+    lake: Callable[..., None], tmp_path: Path
+) -> None:
+    lake()
+    deliver([f.stream_record(1, key="a", new={"v": {"N": "1"}})], 10)
     target = str(tmp_path / "delta")
     command = [
         sys.executable,

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-import lambda_entry
 from tests import factories as f
 from tests.conftest import BUCKET, events, scan
 from worker.config import Settings
-from worker.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("dynamodb")
 Handler = Callable[..., dict[str, Any]]
@@ -21,20 +19,11 @@ GOOD = f.output_file(("items", ["id", "v"], [["a", 1], ["b", 2]]))
 
 
 @pytest.fixture
-def make_handler(settings: Settings) -> Iterator[Callable[..., Handler]]:
+def make_handler(
+    settings: Settings, install_runtime: Callable[[Settings], Handler]
+) -> Callable[..., Handler]:
     """The real handler, on a runtime built from ``settings`` with any overrides."""
-    runtimes: list[Runtime] = []
-
-    def build(**overrides: Any) -> Handler:
-        runtime = Runtime(dataclasses.replace(settings, **overrides))
-        runtimes.append(runtime)
-        lambda_entry._runtime = runtime
-        return lambda_entry.handler
-
-    yield build
-    lambda_entry._runtime = None
-    for runtime in runtimes:
-        runtime.close()
+    return lambda **overrides: install_runtime(dataclasses.replace(settings, **overrides))
 
 
 @pytest.fixture

@@ -5,19 +5,17 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import pyarrow.parquet as pq
 import pytest
 
-import lambda_entry
 from tests import factories as f
 from tests.conftest import events
 from tests.fault_proxy import S3Faults
 from worker.config import Settings, StreamSettings
-from worker.runtime import Runtime
 
 LAKE = "lake"
 Handler = Callable[..., dict[str, Any]]
@@ -33,20 +31,14 @@ def lake(moto: str) -> Any:
 
 
 @pytest.fixture
-def make_handler(lake: Any) -> Iterator[Callable[..., Handler]]:
-    runtimes: list[Runtime] = []
-
+def make_handler(
+    lake: Any, install_runtime: Callable[[Settings], Handler]
+) -> Callable[..., Handler]:
     def build(**stream_overrides: Any) -> Handler:
         streams = dataclasses.replace(StreamSettings(bucket=LAKE), **stream_overrides)
-        runtime = Runtime(Settings(streams=streams))
-        runtimes.append(runtime)
-        lambda_entry._runtime = runtime
-        return lambda_entry.handler
+        return install_runtime(Settings(streams=streams))
 
-    yield build
-    lambda_entry._runtime = None
-    for runtime in runtimes:
-        runtime.close()
+    return build
 
 
 def objects(lake: Any) -> dict[str, bytes]:
