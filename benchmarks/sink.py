@@ -33,6 +33,7 @@ class Sink:
         self.unprocessed = unprocessed
         self.random = random.Random(seed)
         self.tables: dict[str, list[str]] = {}
+        self.definitions: dict[str, list[dict[str, str]]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -53,15 +54,16 @@ class Sink:
         if target == "CreateTable":
             keys = sorted(doc["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
             self.tables[doc["TableName"]] = [k["AttributeName"] for k in keys]
-            return _json({"TableDescription": self.describe(doc["TableName"], doc)})
+            self.definitions[doc["TableName"]] = doc["AttributeDefinitions"]
+            return _json({"TableDescription": self.describe(doc["TableName"])})
         if target == "DescribeTable":
             name = doc["TableName"]
             if name not in self.tables:
                 return _error("ResourceNotFoundException", f"Table {name} not found")
-            return _json({"Table": self.describe(name, None)})
+            return _json({"Table": self.describe(name)})
         return _error("UnknownOperationException", target)
 
-    def describe(self, name: str, created: dict[str, Any] | None) -> dict[str, Any]:
+    def describe(self, name: str) -> dict[str, Any]:
         keys = self.tables[name]
         return {
             "TableName": name,
@@ -70,8 +72,7 @@ class Sink:
                 {"AttributeName": k, "KeyType": "HASH" if i == 0 else "RANGE"}
                 for i, k in enumerate(keys)
             ],
-            "AttributeDefinitions": (created or {}).get("AttributeDefinitions")
-            or [{"AttributeName": k, "AttributeType": "S"} for k in keys],
+            "AttributeDefinitions": self.definitions[name],
         }
 
     def batch_write(self, body: bytes) -> web.Response:

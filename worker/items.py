@@ -175,7 +175,9 @@ class ItemBuilder:
             attr: Attr | None
             if kind is str:
                 attr = {"S": value}
-                value_size = len(value) if value.isascii() else _utf8_len(value)
+                value_size = (
+                    len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+                )
             elif kind is int and -_INT_LIMIT < value < _INT_LIMIT:
                 text = str(value)
                 attr, value_size = {"N": text}, (len(text) + 1) // 2 + 1
