@@ -170,6 +170,20 @@ async def test_a_retryable_failure_comes_back_soon_not_after_the_full_timeout(
     assert time.monotonic() - started < 20  # well inside the 60 s visibility timeout
 
 
+async def test_messages_a_long_poll_returns_after_the_stop_are_released_at_once(
+    poller_for: PollerFactory, poll_settings: Settings, sqs: Any
+) -> None:
+    queues = make_queues(sqs, visibility=120)
+    poller = poller_for(queues.url, poll=dataclasses.replace(poll_settings.poll, wait_s=3))
+    running = asyncio.create_task(poller.run())
+    await asyncio.sleep(1.0)  # the poller is inside its 3 s long poll
+    poller.stop()
+    await asyncio.to_thread(send, sqs, queues.url, f.plain_body(BUCKET, "late.pb"))
+    stats = await running
+    assert stats.received == 0 and stats.released == 1
+    assert depth(sqs, queues.url) == (1, 0)  # visible now, not in 120 s
+
+
 def test_sigterm_mid_load_deletes_nothing_unwritten_and_releases_at_once(
     moto: str, sqs: Any, s3: Any, prefix: str, tmp_path: Path
 ) -> None:

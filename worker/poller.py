@@ -12,8 +12,11 @@
   permanent one is logged at ERROR and left to the redrive policy (DLQ).
 - **Shutdown.** ``stop()`` stops receiving; in-flight messages get
   ``SHUTDOWN_GRACE_S`` to finish; the rest are cancelled and their visibility
-  reset to 0 so another consumer takes them at once. Nothing unwritten is
-  deleted; deletes and resets are shielded from cancellation.
+  reset to 0 so another consumer takes them at once. A long poll under way at
+  the stop is allowed to finish (at most ``POLL_WAIT_S``), and whatever it
+  returns is released the same way: cancelling it client-side would leave SQS
+  free to hand messages to the abandoned request, hidden for a full visibility
+  timeout. Nothing unwritten is deleted; deletes and resets are shielded.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class Poller:
         self._stopping = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], dict[str, Any]] = {}
         self._deletes: list[DeleteMessageBatchRequestEntryTypeDef] = []
+        self._late_receive: asyncio.Task[list[dict[str, Any]]] | None = None
         self._visibility_s = 30
         self.stats = PollStats()
 
@@ -87,7 +91,7 @@ class Poller:
         try:
             await self._receive_until_stopped()
         finally:
-            await self._drain()
+            await asyncio.gather(self._drain(), self._release_late_receive())
             self.health_path.unlink(missing_ok=True)
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -103,21 +107,38 @@ class Poller:
                 free = self._concurrency - len(self._tasks)
                 if free <= 0:  # backpressure: ask SQS for nothing until a message finishes
                     self._room.clear()
-                    await asyncio.wait(
-                        {asyncio.ensure_future(self._room.wait()), stopping},
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
+                    room = asyncio.create_task(self._room.wait())
+                    await asyncio.wait({room, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    room.cancel()
                     continue
                 receive = asyncio.create_task(self._receive(min(10, free)))
                 done, _ = await asyncio.wait(
                     {receive, stopping}, return_when=asyncio.FIRST_COMPLETED
                 )
-                if receive not in done:  # stopping: cancel the long poll mid-wait
-                    receive.cancel()
+                if receive not in done:
+                    # Stopping mid long poll. Cancelling it would not stop SQS from
+                    # handing messages to the dropped request, where they would hide
+                    # for a whole visibility timeout: let it finish, and release them.
+                    self._late_receive = receive
                     break
                 self._start(receive.result())
         finally:
             stopping.cancel()
+
+    async def _release_late_receive(self) -> None:
+        """Messages the last long poll returned after the stop go straight back."""
+        receive, self._late_receive = self._late_receive, None
+        if receive is None:
+            return
+        try:
+            messages = await asyncio.wait_for(receive, self._settings.shutdown_grace_s)
+        except TimeoutError:
+            return
+        for message in messages:
+            await asyncio.shield(self._set_visibility(message, 0))
+        self.stats.released += len(messages)
+        if messages:
+            log.info("released_late_receive", messages=[m["MessageId"] for m in messages])
 
     async def _receive(self, count: int) -> list[dict[str, Any]]:
         try:
