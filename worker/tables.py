@@ -65,10 +65,6 @@ class TableRegistry:
                 self._schemas[name] = schema
         return schema
 
-    def forget(self, name: str) -> None:
-        """Drop a cached schema (after ResourceNotFound on write, say)."""
-        self._schemas.pop(name, None)
-
     async def _describe_or_create(self, name: str, key_type: KeyType) -> KeySchema:
         try:
             description = await self._describe(name)
