@@ -30,6 +30,7 @@ from worker.tables import TableRegistry, table_name
 from worker.writer import BatchWriter
 
 log = get_logger(__name__)
+TABLES_AT_ONCE = 2
 
 
 @dataclass(slots=True)
@@ -165,13 +166,17 @@ class Loader:
         work = []
         while tables:  # hand each table's rows to its task alone, so they can be freed
             work.append(tables.popitem())
+        # A few tables at a time: one table alone can fill the write window, and the
+        # items of tables not yet started are not built yet, which bounds memory.
+        slots = asyncio.Semaphore(TABLES_AT_ONCE)
+        tasks = []
         async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(
-                    self._load_table(dataclasses.replace(source, table=name), rows, summary)
-                )
-                for name, rows in reversed(work)
-            ]
+            for name, rows in reversed(work):
+                await slots.acquire()
+                origin = dataclasses.replace(source, table=name)
+                task = group.create_task(self._load_table(origin, rows, summary))
+                task.add_done_callback(lambda _: slots.release())
+                tasks.append(task)
         del work
         errors = [error for task in tasks if (error := task.result()) is not None]
         if errors:  # a retry can cure a retryable error, so it decides the message's fate
