@@ -208,6 +208,7 @@ def test_sigterm_mid_load_deletes_nothing_unwritten_and_releases_at_once(
     assert len(released["messages"]) == 2
     (stopped,) = worker.events("poller_stopped")
     assert stopped["deleted"] == 0 and stopped["released"] == 2
+    assert {"window", "throttles", "in_flight", "rows_written"} <= set(stopped)
     assert depth(sqs, queues.url) == (3, 0)  # all visible now, not after 120 s
 
     env["TABLE_EXTRACT"] = "worker.extract.reference:processOutputData"

@@ -84,6 +84,11 @@ class Conversion:
     numbers_as_strings: int = 0
     nonfinite: int = 0
 
+    def take_items(self) -> list[Item]:
+        """Hand the items over, keeping no reference, so they can be freed as written."""
+        items, self.items = self.items, []
+        return items
+
     def skip(self, reason: str, index: int, detail: str) -> None:
         self.skipped[reason] += 1
         samples = self.samples.setdefault(reason, [])

@@ -166,16 +166,19 @@ class Loader:
         work = []
         while tables:  # hand each table's rows to its task alone, so they can be freed
             work.append(tables.popitem())
-        # A few tables at a time: one table alone can fill the write window, and the
-        # items of tables not yet started are not built yet, which bounds memory.
+        # A few tables are converted at a time: one table alone can fill the write
+        # window, and items are only built for tables whose turn has come, which
+        # bounds memory. A table gives its turn up once all its requests are under
+        # way, so retries of one table never hold the next back.
         slots = asyncio.Semaphore(TABLES_AT_ONCE)
         tasks = []
         async with asyncio.TaskGroup() as group:
             for name, rows in reversed(work):
                 await slots.acquire()
+                turn = _Turn(slots)
                 origin = dataclasses.replace(source, table=name)
-                task = group.create_task(self._load_table(origin, rows, summary))
-                task.add_done_callback(lambda _: slots.release())
+                task = group.create_task(self._load_table(origin, rows, summary, turn))
+                task.add_done_callback(turn.end)
                 tasks.append(task)
         del work
         errors = [error for task in tasks if (error := task.result()) is not None]
@@ -183,7 +186,7 @@ class Loader:
             raise next((e for e in errors if e.retriable), errors[0])
 
     async def _load_table(
-        self, origin: Origin, rows: list[dict[str, Any]], summary: ObjectSummary
+        self, origin: Origin, rows: list[dict[str, Any]], summary: ObjectSummary, turn: _Turn
     ) -> WorkerError | None:
         result = TableSummary(table=origin.table, rows=len(rows))
         summary.tables.append(result)
@@ -191,7 +194,7 @@ class Loader:
             try:
                 result.table = table_name(self.settings.schema_prefix, origin.table)
                 with bound_contextvars(table=result.table):
-                    await self._write_table(origin, rows, result)
+                    await self._write_table(origin, rows, result, turn)
             except WorkerError as exc:
                 result.error = exc.reason
                 log.warning("table_failed", **exc.as_log())
@@ -199,7 +202,7 @@ class Loader:
         return None
 
     async def _write_table(
-        self, origin: Origin, rows: list[dict[str, Any]], result: TableSummary
+        self, origin: Origin, rows: list[dict[str, Any]], result: TableSummary, turn: _Turn
     ) -> None:
         schema = await self.registry.ensure(result.table, rows[0] if rows else None)
         builder = ItemBuilder(schema, self.settings.nan_policy, origin)
@@ -213,7 +216,9 @@ class Loader:
         if converted.skipped:
             log.warning("rows_skipped", counts=result.skipped, samples=converted.samples)
         try:
-            stats = await self.writer.write(result.table, converted.items)
+            stats = await self.writer.write(
+                result.table, converted.take_items(), on_dispatched=turn.end
+            )
         finally:
             result.window = self.writer.window.limit
         result.written = stats.written
@@ -239,3 +244,18 @@ class Loader:
 
 def _read_file(path: Path) -> tuple[bytes, str]:
     return path.read_bytes(), str(path.absolute())
+
+
+class _Turn:
+    """A table's place among the tables being prepared; given back exactly once."""
+
+    __slots__ = ("_ended", "_slots")
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._ended = False
+
+    def end(self, *_: object) -> None:
+        if not self._ended:
+            self._ended = True
+            self._slots.release()

@@ -258,6 +258,7 @@ class Poller:
             in_flight=len(self._tasks),
             window=window.limit,
             window_decreases=window.decreases,
+            throttles=self._loader.writer.throttles,
             **extra,
         )
 

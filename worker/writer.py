@@ -145,11 +145,23 @@ class BatchWriter:
         self._settings = settings
         self.window = window or Window(settings.max_in_flight)
         self.progress: Counter[str] = Counter()  # items written per table, for displays
+        self.throttles = 0  # throttled requests and mostly-refused responses, in all
         self._sleep = sleep
         self._jitter = jitter
 
-    async def write(self, table: str, items: list[Item]) -> WriteStats:
-        """Write every item, or raise WriteThrottled, TransientAwsError or InvalidTable."""
+    async def write(
+        self,
+        table: str,
+        items: list[Item],
+        *,
+        on_dispatched: Callable[[], object] | None = None,
+    ) -> WriteStats:
+        """Write every item, or raise WriteThrottled, TransientAwsError or InvalidTable.
+
+        ``on_dispatched`` is called once every chunk has its request under way; from
+        then on only the chunks still being retried hold items, so the caller may
+        start preparing more work while the retries finish.
+        """
         stats = WriteStats()
         start = time.perf_counter()
         try:
@@ -160,6 +172,9 @@ class BatchWriter:
                         self._send(table, items[offset : offset + BATCH_SIZE], slot, stats)
                     )
                     task.add_done_callback(slot.on_done)
+                del items  # the chunks hold what is left to write
+                if on_dispatched is not None:
+                    on_dispatched()
         except BaseExceptionGroup as group_error:
             raise _first_worker_error(group_error) from None
         finally:
@@ -198,6 +213,7 @@ class BatchWriter:
             code = error_code(exc)
             if code in THROTTLING_CODES:
                 stats.throttled_requests += 1
+                self.throttles += 1
                 self.window.on_throttle(slot.epoch)
                 return pending
             if is_server_error(exc):
@@ -217,6 +233,7 @@ class BatchWriter:
             return []
         stats.unprocessed_items += len(left)
         if 2 * len(left) >= len(pending):  # mostly refused: the table is at capacity
+            self.throttles += 1
             self.window.on_throttle(slot.epoch)
         return [request["PutRequest"]["Item"] for request in left]
 
