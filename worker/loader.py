@@ -31,6 +31,7 @@ from worker.writer import BatchWriter
 
 log = get_logger(__name__)
 TABLES_AT_ONCE = 2
+Fetched = tuple[Origin, bytes]  # where the rows come from (the id seed), and the bytes
 
 
 @dataclass(slots=True)
@@ -97,68 +98,59 @@ class Loader:
     async def load(self, ref: ObjectRef) -> ObjectSummary:
         """Load one S3 object."""
         with bound_contextvars(bucket=ref.bucket, key=ref.key):
-            return await self._summarize(ref.uri, self._load_s3(ref))
+            return await self._load(ref.uri, lambda: self._fetch_s3(ref))
 
     async def load_file(self, path: Path) -> ObjectSummary:
         """Load one local file through the same pipeline (``worker load FILE``)."""
         with bound_contextvars(file=str(path)):
-            return await self._summarize(str(path), self._load_path(path))
+            return await self._load(str(path), lambda: self._fetch_file(path))
 
-    async def _summarize(
-        self, uri: str, work: Callable[[ObjectSummary], Awaitable[None]]
-    ) -> ObjectSummary:
+    async def _load(self, uri: str, fetch: Callable[[], Awaitable[Fetched]]) -> ObjectSummary:
         summary = ObjectSummary(uri=uri)
         start = time.perf_counter()
         try:
-            await work(summary)
+            source, data = await fetch()
+            tables = await asyncio.to_thread(self._extract, data, time.perf_counter())
+            del data  # only the decoded rows from here on: the bytes can go
+            await self.write_tables(source, tables, summary)
         except WorkerError as exc:
             summary.error = exc
         summary.ms = elapsed_ms(start)
         self._log_summary(summary)
         return summary
 
-    def _load_s3(self, ref: ObjectRef) -> Callable[[ObjectSummary], Awaitable[None]]:
-        async def work(summary: ObjectSummary) -> None:
-            start = time.perf_counter()
-            obj = await read_object(self.clients.s3, ref, self._limits)
-            log.info(
-                "object_downloaded",
-                bytes=obj.stored_bytes,
-                decoded_bytes=len(obj.data),
-                gzipped=obj.gzipped,
-                ms=elapsed_ms(start),
-            )
-            source = Origin(ref.bucket, ref.key, obj.revision, "")
-            await self._load_data(source, obj.data, summary)
-
-        return work
-
-    def _load_path(self, path: Path) -> Callable[[ObjectSummary], Awaitable[None]]:
-        async def work(summary: ObjectSummary) -> None:
-            try:
-                raw, absolute = await asyncio.to_thread(_read_file, path)
-            except OSError as exc:
-                raise ObjectUnavailable(f"cannot read {path}: {exc.strerror}") from None
-            if not raw:
-                raise CorruptObject("file is empty")
-            data, _ = gunzip_if_needed(raw, self._limits)
-            revision = hashlib.sha256(raw).hexdigest()[:32]
-            source = Origin("file", absolute, revision, "")
-            await self._load_data(source, data, summary)
-
-        return work
-
-    async def _load_data(self, source: Origin, data: bytes, summary: ObjectSummary) -> None:
+    async def _fetch_s3(self, ref: ObjectRef) -> Fetched:
         start = time.perf_counter()
-        tables = await asyncio.to_thread(self.extractor.extract, data)
-        del data  # the raw bytes are not needed once decoded
+        obj = await read_object(self.clients.s3, ref, self._limits)
+        log.info(
+            "object_downloaded",
+            bytes=obj.stored_bytes,
+            decoded_bytes=len(obj.data),
+            gzipped=obj.gzipped,
+            ms=elapsed_ms(start),
+        )
+        return Origin(ref.bucket, ref.key, obj.revision, ""), obj.data
+
+    async def _fetch_file(self, path: Path) -> Fetched:
+        try:
+            raw, absolute = await asyncio.to_thread(_read_file, path)
+        except OSError as exc:
+            raise ObjectUnavailable(f"cannot read {path}: {exc.strerror}") from None
+        if not raw:
+            raise CorruptObject("file is empty")
+        data, _ = gunzip_if_needed(raw, self._limits)
+        revision = hashlib.sha256(raw).hexdigest()[:32]
+        return Origin("file", absolute, revision, ""), data
+
+    def _extract(self, data: bytes, start: float) -> Rows:
+        tables = self.extractor.extract(data)
         log.info(
             "object_decoded",
             tables=len(tables),
             rows=sum(len(rows) for rows in tables.values()),
             ms=elapsed_ms(start),
         )
-        await self.write_tables(source, tables, summary)
+        return tables
 
     async def write_tables(self, source: Origin, tables: Rows, summary: ObjectSummary) -> None:
         """The write stage: every table of decoded rows, concurrently; raises the error
