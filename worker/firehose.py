@@ -38,6 +38,7 @@ from botocore.exceptions import ClientError
 from worker.aws import AWS_FAILURES, THROTTLING_CODES, error_code, is_server_error
 from worker.config import FirehoseSettings
 from worker.log import elapsed_ms, get_logger
+from worker.timestamps import is_epoch_ms
 from worker.writer import full_jitter
 
 if TYPE_CHECKING:
@@ -51,7 +52,6 @@ MAX_PARTITION_VALUE = 64
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 # Free, ours already (a retried invocation), or expired but not yet deleted by TTL.
 CLAIM_CONDITION = "attribute_not_exists(pk) OR claimed_by = :me OR expires_at < :now"
-_MS_THRESHOLD = 100_000_000_000  # 1973 in ms, 5138 in s: below it, a number is seconds
 
 
 def is_firehose_event(event: Any) -> bool:
@@ -96,7 +96,7 @@ def parse_created_at(value: Any) -> datetime | None:
                 return None
             return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     if isinstance(value, int | float) and value == value and abs(value) != float("inf"):
-        seconds = value / 1000 if abs(value) >= _MS_THRESHOLD else value
+        seconds = value / 1000 if is_epoch_ms(value) else value
         try:
             return datetime.fromtimestamp(seconds, tz=UTC)
         except (OverflowError, OSError, ValueError):

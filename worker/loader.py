@@ -49,6 +49,7 @@ class TableSummary:
     retries: int = 0
     throttled_requests: int = 0
     unprocessed_items: int = 0
+    transient_errors: int = 0
     window: int = 0
     error: str | None = None
 
@@ -219,6 +220,7 @@ class Loader:
         result.retries = stats.retries
         result.throttled_requests = stats.throttled_requests
         result.unprocessed_items = stats.unprocessed_items
+        result.transient_errors = stats.transient_errors
         log.info("table_written", **{k: v for k, v in asdict(result).items() if k != "error"})
 
     def _log_summary(self, summary: ObjectSummary) -> None:

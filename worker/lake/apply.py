@@ -49,7 +49,6 @@ class ApplyResult:
     rows: int = 0  # after the latest-per-key dedupe
     version: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-    attempts: int = 0
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -220,8 +219,7 @@ async def apply_changes(
     result = ApplyResult()
     listed = await list_parts(s3, source)
     cache: dict[str, list[dict[str, Any]]] = {}
-    for attempt in range(1, max_attempts + 1):
-        result.attempts = attempt
+    for _ in range(max_attempts):
         table = await asyncio.to_thread(_load, target, storage_options)
         done = applied_parts(table, source) if table is not None else set()
         new = [key for key in listed if key not in done]

@@ -40,6 +40,7 @@ from worker.aws import AWS_FAILURES, error_code
 from worker.config import StreamSettings
 from worker.log import elapsed_ms, get_logger
 from worker.streams.images import convert_image
+from worker.timestamps import is_epoch_ms
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -47,14 +48,13 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _TTL_PRINCIPAL = {"type": "Service", "principalId": "dynamodb.amazonaws.com"}
-_MS_THRESHOLD = 100_000_000_000
 
 
 def envelope(record: dict[str, Any], ingest_ts_ms: int) -> dict[str, Any]:
     """One stream record as the flat change envelope written to S3."""
     change = record["dynamodb"]
     created = float(change["ApproximateCreationDateTime"])
-    created_ms = int(created if created >= _MS_THRESHOLD else created * 1000)
+    created_ms = int(created if is_epoch_ms(created) else created * 1000)
     removed = record["eventName"] == "REMOVE"
     return {
         "event_name": record["eventName"],
