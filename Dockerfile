@@ -15,10 +15,10 @@ RUN pip install --no-cache-dir uv==0.13.8
 WORKDIR /src
 # Dependencies first, from the lock file only, so source edits keep this layer cached.
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --frozen --no-install-project --no-editable --extra parquet
+RUN uv sync --frozen --no-install-project --no-editable --extra parquet --extra lake
 COPY worker ./worker
 COPY lambda_entry.py ./
-RUN uv sync --frozen --no-editable --extra parquet
+RUN uv sync --frozen --no-editable --extra parquet --extra lake
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 worker \

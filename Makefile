@@ -14,9 +14,15 @@ $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
+# Everything: the test suite needs every extra, and dynalite (node) beside moto.
 $(BIN)/.installed: pyproject.toml uv.lock package.json package-lock.json | $(UV)
 	$(UV) sync --frozen --all-extras --python $(PYTHON)
 	npm ci --no-audit --no-fund --silent
+	touch $@
+
+# The demo needs only moto and deltalake: no node, no benchmark libraries.
+$(BIN)/.installed-demo: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --inexact --extra demo --python $(PYTHON)
 	touch $@
 
 install: $(BIN)/.installed
@@ -31,9 +37,9 @@ test: lint
 	$(BIN)/pytest
 
 proto: install
-	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iworker/extract --python_out=worker/extract --mypy_out=worker/extract worker/extract/outputfile.proto
+	PATH=$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iworker/loader/extract --python_out=worker/loader/extract --mypy_out=worker/loader/extract worker/loader/extract/outputfile.proto
 
-demo: install
+demo: $(BIN)/.installed-demo
 	$(BIN)/worker demo
 
 bench: install

@@ -1,24 +1,25 @@
 """Container-image Lambda entry point: ``lambda_entry.handler``.
 
-Routes by event shape: SQS batches go to the loader, DynamoDB Streams batches
-to ``worker.streams``, Firehose transformation events to ``worker.firehose``;
-anything else is answered
-with a clear, structured error (and logged at ERROR), never a crash.
+The handler keeps one ``Runtime`` (event loop, clients, products) for the
+container's life and hands each event to ``worker.entry.routing``. The runtime
+is closed at interpreter exit, so the process never ends with unclosed
+connections and everything it writes stays a JSON line. (A SIGTERM or SIGKILL
+from Lambda ends the process at once, as the default action; the runtime
+client is blocked in native code between invocations, where no Python signal
+handler could run.)
 """
 
 from __future__ import annotations
 
-import time
+import atexit
 from typing import Any
 
 from structlog.contextvars import bound_contextvars
 
-from worker.errors import UnsupportedEvent
-from worker.firehose import is_firehose_event
-from worker.log import get_logger
-from worker.runtime import Runtime
-from worker.sqs_batch import handle_batch
-from worker.streams.buffer import handle_stream_batch
+from worker.core.errors import ConfigError
+from worker.core.log import get_logger
+from worker.entry.routing import deadline_for, event_kind, route
+from worker.entry.runtime import Runtime
 
 log = get_logger("lambda_entry")
 _runtime: Runtime | None = None
@@ -32,48 +33,28 @@ def runtime() -> Runtime:
     return _runtime
 
 
-def event_kind(event: Any) -> str:
-    if isinstance(event, dict):
-        records = event.get("Records")
-        if isinstance(records, list) and records and isinstance(records[0], dict):
-            return str(records[0].get("eventSource") or "unknown")
-        if is_firehose_event(event):
-            return "aws:firehose"
-    return "unknown"
-
-
 def handler(event: Any, context: Any) -> dict[str, Any]:
     rt = runtime()
     request_id = getattr(context, "aws_request_id", "local")
     with bound_contextvars(aws_request_id=request_id):
         kind = event_kind(event)
         log.info("invocation_start", event_source=kind)
-        if kind == "aws:sqs":
-            remaining_ms = context.get_remaining_time_in_millis()
-            deadline = time.monotonic() + (remaining_ms - rt.settings.deadline_margin_ms) / 1000
-            return rt.run(_sqs(rt, event["Records"], deadline))
-        if kind == "aws:dynamodb":
-            return rt.run(_streams(rt, event["Records"]))
-        if kind == "aws:firehose":
-            return rt.run(_firehose(rt, event))
-        error = UnsupportedEvent(
-            f"no route for event source {kind!r}",
-            keys=sorted(event)[:10] if isinstance(event, dict) else type(event).__name__,
+        deadline = deadline_for(
+            context.get_remaining_time_in_millis(), rt.settings.deadline_margin_ms
         )
-        log.error("invocation_rejected", **error.as_log())
-        return {"error": error.reason, "message": error.message}
+        try:
+            return rt.run(route(rt, event, kind, deadline))
+        except ConfigError as exc:  # the function is misconfigured: fail the whole event
+            log.error("invocation_failed", **exc.as_log())
+            raise
 
 
-async def _sqs(rt: Runtime, records: list[dict[str, Any]], deadline: float) -> dict[str, Any]:
-    report = await handle_batch(await rt.loader(), records, deadline=deadline)
-    return report.response()
+def close() -> None:
+    """Close the runtime (clients, loop); safe to call more than once."""
+    global _runtime
+    rt, _runtime = _runtime, None
+    if rt is not None:
+        rt.close()
 
 
-async def _firehose(rt: Runtime, event: dict[str, Any]) -> dict[str, Any]:
-    return await (await rt.transformer()).transform(event)
-
-
-async def _streams(rt: Runtime, records: list[dict[str, Any]]) -> dict[str, Any]:
-    clients = await rt.clients()
-    report = await handle_stream_batch(clients.s3, records, rt.settings.streams)
-    return report.response()
+atexit.register(close)

@@ -17,7 +17,7 @@ import sys
 import boto3
 
 from benchmarks.servers import ROOT, local_aws_env, moto_process
-from worker.sample import sample_file
+from worker.entry.sample import sample_file
 
 CHILD = """
 import time

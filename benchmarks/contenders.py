@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
-from worker.extract.outputfile_pb2 import OutputFile
-from worker.extract.reference import processOutputData
+from worker.loader.extract.outputfile_pb2 import OutputFile
+from worker.loader.extract.reference import processOutputData
 
 Rows = dict[str, list[dict[str, Any]]]
 Latencies = list[float]
@@ -69,15 +69,18 @@ class TimedClient:
 
 
 async def worker_write(rows: Rows, concurrency: int, latencies: Latencies, path: str) -> int:
-    from worker.aws import Clients
-    from worker.config import Settings, WriteSettings
-    from worker.items import Origin
-    from worker.loader import Loader, ObjectSummary
-    from worker.writer import BatchWriter
+    from worker.core.aws import Clients
+    from worker.core.config import Settings, WriteSettings
+    from worker.loader.ddb_http import batch_write_client
+    from worker.loader.items import Origin
+    from worker.loader.pipeline import Loader, ObjectSummary
+    from worker.loader.writer import BatchWriter
 
     settings = Settings(write=WriteSettings(path=path, max_in_flight=concurrency))  # type: ignore[arg-type]
     async with Clients.from_settings(settings) as clients:
-        writer = BatchWriter(TimedClient(clients.batch_writes, latencies), settings.write)
+        writer = BatchWriter(
+            TimedClient(batch_write_client(clients, settings.write.path), latencies), settings.write
+        )
         loader = Loader(settings, clients, writer=writer)
         summary = ObjectSummary(uri="rows")
         _mark_start()
@@ -86,15 +89,18 @@ async def worker_write(rows: Rows, concurrency: int, latencies: Latencies, path:
 
 
 async def worker_pipeline(concurrency: int, latencies: Latencies) -> int:
-    from worker.aws import Clients
-    from worker.config import Settings, WriteSettings
-    from worker.loader import Loader
-    from worker.messages import ObjectRef
-    from worker.writer import BatchWriter
+    from worker.core.aws import Clients
+    from worker.core.config import Settings, WriteSettings
+    from worker.loader.ddb_http import batch_write_client
+    from worker.loader.messages import ObjectRef
+    from worker.loader.pipeline import Loader
+    from worker.loader.writer import BatchWriter
 
     settings = Settings(write=WriteSettings(max_in_flight=concurrency))
     async with Clients.from_settings(settings) as clients:
-        writer = BatchWriter(TimedClient(clients.batch_writes, latencies), settings.write)
+        writer = BatchWriter(
+            TimedClient(batch_write_client(clients, settings.write.path), latencies), settings.write
+        )
         loader = Loader(settings, clients, writer=writer)
         _mark_start()
         summary = await loader.load(ObjectRef(BUCKET, KEY))
@@ -220,8 +226,8 @@ async def raw_limit(rows: Rows, concurrency: int, latencies: Latencies, endpoint
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    from worker.ddb_http import CONTENT_TYPE, TARGET, encode_request
-    from worker.items import ItemBuilder, KeyAttribute, KeySchema, Origin
+    from worker.loader.ddb_http import CONTENT_TYPE, TARGET, encode_request
+    from worker.loader.items import ItemBuilder, KeyAttribute, KeySchema, Origin
 
     bodies: list[tuple[bytes, dict[str, str]]] = []
     signer = SigV4Auth(Credentials("bench", "bench"), "dynamodb", "us-east-1")
@@ -326,7 +332,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    from worker import log
+    from worker.core import log
 
     log.configure("ERROR", stream=sys.stderr)
     print(orjson.dumps(run(args.name, args.endpoint, args.data, args.concurrency)).decode())

@@ -4,7 +4,7 @@
     python -m benchmarks.firehose_dedupe [--records 500] [--rounds 3]
 
 Side by side, on the same server and the same records:
-- **worker**: ``worker.firehose.Transformer`` (one conditional PutItem per
+- **worker**: ``worker.firehose.transform.Transformer`` (one conditional PutItem per
   distinct key, ``DEDUPE_CONCURRENCY`` at once);
 - **seed-style**: for each record in turn, ``get_item`` then ``put_item`` with
   boto3 (the read-then-write that races, as the original sketch did it).
@@ -23,10 +23,10 @@ import orjson
 import uvloop
 
 from benchmarks.servers import local_aws_env, moto_process
-from worker import log
-from worker.aws import Clients
-from worker.config import FirehoseSettings, Settings
-from worker.firehose import Transformer, setup_cache_table
+from worker.core import log
+from worker.core.aws import Clients
+from worker.core.config import FirehoseSettings, Settings
+from worker.firehose.transform import Transformer, setup_cache_table
 
 ARN = "arn:aws:firehose:us-east-1:123456789012:deliverystream/bench"
 

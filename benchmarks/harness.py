@@ -28,7 +28,8 @@ import boto3
 import orjson
 
 from benchmarks.servers import moto_process, sink_process
-from worker.sample import sample_file
+from worker.entry.sample import sample_file
+from worker.loader.tables import OWNER_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = [
@@ -81,6 +82,7 @@ def prepare(env: dict[str, str], endpoint: str, data: bytes, s3_endpoint: str) -
                 BillingMode="PAY_PER_REQUEST",
                 AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "N"}],
                 KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                Tags=[OWNER_TAG],  # the loader writes only into tables it owns
             )
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
@@ -208,7 +210,7 @@ def memory(env: dict[str, str], sizes_mb: list[int], scratch: Path) -> list[dict
 
 MEASURED_LOAD = """
 import sys
-from worker.cli import main
+from worker.entry.cli import main
 code = main(["load", sys.argv[1]])
 with open("/proc/self/status") as status:
     sys.stderr.write("".join(line for line in status if line.startswith("VmHWM:")))

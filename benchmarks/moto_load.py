@@ -17,12 +17,12 @@ import time
 import uvloop
 
 from benchmarks.servers import local_aws_env, moto_process
-from worker import log
-from worker.aws import Clients
-from worker.config import Settings
-from worker.loader import Loader
-from worker.messages import ObjectRef
-from worker.sample import sample_file
+from worker.core import log
+from worker.core.aws import Clients
+from worker.core.config import Settings
+from worker.entry.sample import sample_file
+from worker.loader.messages import ObjectRef
+from worker.loader.pipeline import Loader
 
 
 async def _run(rows: int, tables: int) -> tuple[int, float]:

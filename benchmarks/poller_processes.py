@@ -20,7 +20,7 @@ import boto3
 import orjson
 
 from benchmarks.servers import ROOT, local_aws_env, moto_process, sink_process
-from worker.sample import sample_file
+from worker.entry.sample import sample_file
 
 
 def drain(processes: int, queue_url: str, env: dict[str, str], messages: list[str]) -> float:

@@ -34,6 +34,7 @@ class Sink:
         self.random = random.Random(seed)
         self.tables: dict[str, list[str]] = {}
         self.definitions: dict[str, list[dict[str, str]]] = {}
+        self.tags: dict[str, list[Any]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -55,7 +56,13 @@ class Sink:
             keys = sorted(doc["KeySchema"], key=lambda k: k["KeyType"] != "HASH")
             self.tables[doc["TableName"]] = [k["AttributeName"] for k in keys]
             self.definitions[doc["TableName"]] = doc["AttributeDefinitions"]
+            self.tags[_ARN + doc["TableName"]] = doc.get("Tags", [])
             return _json({"TableDescription": self.describe(doc["TableName"])})
+        if target == "TagResource":
+            self.tags.setdefault(doc["ResourceArn"], []).extend(doc["Tags"])
+            return _json({})
+        if target == "ListTagsOfResource":
+            return _json({"Tags": self.tags.get(doc["ResourceArn"], [])})
         if target == "DescribeTable":
             name = doc["TableName"]
             if name not in self.tables:
@@ -67,6 +74,7 @@ class Sink:
         keys = self.tables[name]
         return {
             "TableName": name,
+            "TableArn": _ARN + name,
             "TableStatus": "ACTIVE",
             "KeySchema": [
                 {"AttributeName": k, "KeyType": "HASH" if i == 0 else "RANGE"}
@@ -116,6 +124,9 @@ class Sink:
             "rejected_count": len(self.rejected),
             "cpu_s": usage.ru_utime + usage.ru_stime - self.cpu_start,
         }
+
+
+_ARN = "arn:aws:dynamodb:us-east-1:000000000000:table/"
 
 
 def number_problem(body: bytes) -> str | None:

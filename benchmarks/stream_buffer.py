@@ -21,8 +21,8 @@ from typing import Any
 
 from boto3.dynamodb.types import TypeDeserializer
 
-from worker.config import StreamSettings
-from worker.streams.buffer import envelope, plan_parts
+from worker.cdc.buffer import envelope, plan_parts
+from worker.core.config import StreamSettings
 
 ARN = "arn:aws:dynamodb:us-east-1:123456789012:table/orders/stream/2026-01-01T00:00:00.000"
 
@@ -65,7 +65,7 @@ def make_batch(size: int, seed: int) -> list[dict[str, Any]]:
 def worker_encode(records: list[dict[str, Any]]) -> int:
     now = int(time.time() * 1000)
     parts = plan_parts([envelope(r, now) for r in records], StreamSettings(bucket="b"))
-    return sum(len(p.body) for p in parts)
+    return sum(len(p.body()) for p in parts)
 
 
 def seed_encode(records: list[dict[str, Any]]) -> int:

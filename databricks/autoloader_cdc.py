@@ -3,7 +3,7 @@
 Auto Loader (``cloudFiles``) picks up the stream parts that ``worker`` writes to
 S3, and ``foreachBatch`` dedupes each micro-batch to the latest change per key
 and MERGEs it into a Delta table. The merge predicate, the dedupe order and the
-delete/update/insert conditions are imported from ``worker.lake.cdc_rules``,
+delete/update/insert conditions are imported from ``worker.cdc.cdc_rules``,
 the module the local delta-rs apply uses, so the two cannot drift.
 
     python autoloader_cdc.py --source s3://lake/cdc/orders --target main.cdc.orders \\
@@ -24,7 +24,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F  # noqa: N812 - the PySpark convention
 from pyspark.sql.types import ArrayType, MapType, StructType
 
-from worker.lake import cdc_rules as rules
+from worker.cdc import cdc_rules as rules
 
 APP_ID_PREFIX = "worker-cdc-autoloader"
 

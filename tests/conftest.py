@@ -21,9 +21,12 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from tests.fault_proxy import FaultProxy
-from worker.aws import Clients
-from worker.config import Settings, WriteSettings
-from worker.loader import Loader
+from worker.core.aws import Clients
+from worker.core.backoff import Backoff
+from worker.core.config import Settings, WritePath, WriteSettings
+from worker.loader.ddb_http import BatchWriteClient, batch_write_client
+from worker.loader.pipeline import Loader
+from worker.loader.tables import OWNER_TAG
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "input"
@@ -132,11 +135,13 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def settings(prefix: str) -> Settings:
+def settings(prefix: str, write_path: WritePath) -> Settings:
     return Settings(
         schema_prefix=prefix,
         write=WriteSettings(
-            max_in_flight=8, max_attempts=25, backoff_base_s=0.001, backoff_cap_s=0.02
+            path=write_path,
+            max_in_flight=8,
+            backoff=Backoff(base_s=0.001, cap_s=0.02, attempts=25),
         ),
         table_active_timeout_s=30,
     )
@@ -155,6 +160,13 @@ def ddb(dynamodb: str) -> Any:
     return boto3.client("dynamodb", endpoint_url=dynamodb)
 
 
+def own(client: Any, table: str) -> None:
+    """Wait for ``table`` to be ACTIVE and tag it as the loader's, as if it had made it."""
+    client.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 0.1})
+    arn = client.describe_table(TableName=table)["Table"]["TableArn"]
+    client.tag_resource(ResourceArn=arn, Tags=[OWNER_TAG])
+
+
 def scan(client: Any, table: str) -> list[dict[str, Any]]:
     """Every item of ``table``, in wire form, following pagination."""
     items: list[dict[str, Any]] = []
@@ -164,15 +176,21 @@ def scan(client: Any, table: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def write_path() -> str:
+def write_path() -> WritePath:
     """The BatchWriteItem path; modules that test writing run both (DDB_WRITE_PATH)."""
     return "fast"
 
 
 @pytest.fixture
-async def clients(moto: str, write_path: str) -> AsyncIterator[Clients]:
-    async with Clients(max_in_flight=8, write_path=write_path) as opened:
+async def clients(moto: str) -> AsyncIterator[Clients]:
+    async with Clients(max_in_flight=8) as opened:
         yield opened
+
+
+@pytest.fixture
+async def batch_writes(clients: Clients, write_path: WritePath) -> BatchWriteClient:
+    """The BatchWriteItem client of the path under test."""
+    return batch_write_client(clients, write_path)
 
 
 @pytest.fixture
@@ -184,7 +202,7 @@ async def loader(settings: Settings, clients: Clients) -> Loader:
 def install_runtime() -> Iterator[Callable[[Settings], Callable[..., Any]]]:
     """Give ``lambda_entry`` a runtime built from the given settings; returns its handler."""
     import lambda_entry
-    from worker.runtime import Runtime
+    from worker.entry.runtime import Runtime
 
     runtimes: list[Runtime] = []
 

@@ -1,4 +1,4 @@
-"""DynamoDB's own request rules, written independently of ``worker.items``.
+"""DynamoDB's own request rules, written independently of ``worker.loader.items``.
 
 Used by the fault proxy (to reject what DynamoDB would reject) and by the
 property tests (to prove the worker never builds such a request).

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from worker.extract.outputfile_pb2 import OutputFile, Value
+from worker.loader.extract.outputfile_pb2 import OutputFile, Value
 
 _ids = itertools.count(1)
 

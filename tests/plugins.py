@@ -6,8 +6,8 @@ import os
 import time
 from typing import Any
 
-from worker.extract.outputfile_pb2 import OutputFile, Table
-from worker.extract.reference import processOutputData
+from worker.loader.extract.outputfile_pb2 import OutputFile, Table
+from worker.loader.extract.reference import processOutputData
 
 
 def explode(output_file: Any) -> Any:
@@ -34,9 +34,20 @@ _failed_once: set[str] = set()
 
 def fail_once(output_file: OutputFile) -> dict[str, list[dict[str, Any]]]:
     """Raise a retryable error the first time a file is seen, then extract normally."""
-    from worker.errors import TransientAwsError
+    from worker.core.errors import TransientAwsError
 
     if output_file.file_id not in _failed_once:
         _failed_once.add(output_file.file_id)
         raise TransientAwsError("simulated transient failure")
     return processOutputData(output_file)
+
+
+LOADS: list[tuple[str, float, float]] = []  # (file_id, start, end) of every ``timed`` extract
+
+
+def timed(output_file: OutputFile) -> dict[str, list[dict[str, Any]]]:
+    """``slow``, recording when each file's extract ran: the order loads happened in."""
+    start = time.monotonic()
+    rows = slow(output_file)
+    LOADS.append((output_file.file_id, start, time.monotonic()))
+    return rows

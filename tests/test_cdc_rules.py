@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.lake import cdc_rules as rules
+from worker.cdc import cdc_rules as rules
 
 JOB = Path(__file__).resolve().parent.parent / "databricks" / "autoloader_cdc.py"
 
@@ -43,7 +43,7 @@ def test_the_databricks_job_takes_its_semantics_from_the_shared_rules() -> None:
     imported = [
         node
         for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "worker.lake"
+        if isinstance(node, ast.ImportFrom) and node.module == "worker.cdc"
     ]
     assert imported and imported[0].names[0].name == "cdc_rules"
     used = {

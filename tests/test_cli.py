@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def test_load_from_s3_and_a_missing_file_reports_each(
 
 def test_health_exits_non_zero_without_a_heartbeat(tmp_path: Path) -> None:
     result = worker("health", env={"HEALTH_FILE": str(tmp_path / "hb")})
-    assert result.returncode == 1 and "no health file" in result.stdout
+    assert result.returncode == 1 and "no live poller" in result.stdout
     (tmp_path / "hb.1").write_text("now")
     assert worker("health", env={"HEALTH_FILE": str(tmp_path / "hb")}).returncode == 0
 
@@ -96,3 +97,130 @@ def test_the_demo_runs_end_to_end_and_exits_0() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "result: OK" in result.stdout
     assert "does-not-exist" in result.stdout.split("== dead-letter queue")[1]
+
+
+def one_line_error(result: Any, code: int, *says: str) -> None:
+    """The process printed exactly one line on stderr, naming the problem."""
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("worker") and "error:" in lines[0]
+    for word in says:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"TABLE_EXTRACT": "nosuch.mod:fn"}, "TABLE_EXTRACT"),
+        ({"OUTPUT_FILE_MESSAGE": "worker.loader.extract.reference:processOutputData"},
+         "OUTPUT_FILE_MESSAGE"),
+        ({"MAX_IN_FLIGHT": "0"}, "MAX_IN_FLIGHT"),
+        ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ],
+)  # fmt: skip
+def test_a_bad_setting_for_load_is_one_line_naming_it_and_exit_2(
+    moto: str, tmp_path: Path, env: dict[str, str], names: str
+) -> None:
+    sample = tmp_path / "s.pb"
+    assert worker("sample", str(sample), "--rows", "3", "--tables", "1").returncode == 0
+    one_line_error(worker("load", str(sample), env=env), 2, names)
+
+
+def test_a_long_poll_sqs_refuses_is_refused_at_start_up() -> None:
+    env = {"POLL_WAIT_S": "30"}
+    result = worker("poll", "--processes", "1", "--queue-url", "http://q", env=env)
+    one_line_error(result, 2, "POLL_WAIT_S=30", "between 0 and 20")
+
+
+def test_a_missing_region_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_REGION", "AWS_DEFAULT_REGION")}
+    result = subprocess.run(
+        [sys.executable, "-m", "worker", "load", "s3://bucket/key"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    one_line_error(result, 2, "AWS_REGION")
+
+
+def test_an_unknown_queue_is_one_line_and_exit_2(moto: str) -> None:
+    result = worker("poll", "--processes", "1", "--queue-url", f"{moto}/123456789012/nope")
+    one_line_error(result, 2, "does not exist")
+
+
+def test_lake_apply_on_a_missing_bucket_is_one_line_and_exit_1(moto: str, tmp_path: Path) -> None:
+    result = worker("lake", "apply", "--source", "s3://no-such-bucket/t", "--target", str(tmp_path))
+    one_line_error(result, 1, "no-such-bucket", "NoSuchBucket")
+
+
+def test_a_missing_extra_is_named_in_one_line(tmp_path: Path) -> None:
+    script = (
+        "import sys; sys.modules['deltalake'] = None\n"
+        "from worker.entry.cli import main\n"
+        "raise SystemExit(main(['lake', 'apply', '--source', 's3://b/t', '--target', 'x']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    one_line_error(result, 2, "'lake' extra")
+
+
+def test_version_and_help_read_as_plain_text() -> None:
+    version = worker("--version")
+    assert version.returncode == 0 and version.stdout.startswith("worker ")
+    top = worker("--help").stdout
+    assert "``" not in top and "Asyncio ingestion worker" in top
+    for command in ("load", "poll", "health", "sample", "setup", "lake", "demo"):
+        page = worker(command, "--help").stdout
+        assert "``" not in page
+        assert page.split("\n\n")[1].strip(), f"{command} --help has no description"
+    sample = worker("sample", "--help").stdout
+    for option in ("--rows", "--tables", "--seed", "--gzip"):
+        line = next(x for x in sample.splitlines() if x.strip().startswith(option))
+        assert len(line.split()) > 2, f"{option} has no help text"
+
+
+def test_sample_gzip_reports_the_size_it_wrote(tmp_path: Path) -> None:
+    out = tmp_path / "s.pb.gz"
+    result = worker("sample", str(out), "--rows", "200", "--tables", "1", "--gzip")
+    assert result.returncode == 0
+    assert f"{out.stat().st_size} bytes gzipped" in result.stdout
+
+
+def test_load_on_a_terminal_shows_readable_logs_apart_from_a_final_progress_line(
+    moto: str, tmp_path: Path, prefix: str
+) -> None:
+    sample = tmp_path / "s.pb"
+    assert worker("sample", str(sample), "--rows", "300", "--tables", "2").returncode == 0
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "load", str(sample)],
+        cwd=ROOT, env={**os.environ, "SCHEMA_PREFIX": prefix},
+        stdin=secondary, stdout=secondary, stderr=secondary,
+    )  # fmt: skip
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert process.wait(60) == 0
+    text = b"".join(chunks).decode()
+    assert '"event"' not in text  # no JSON on a terminal
+    visible = [line.split("\r")[-1].replace("\x1b[K", "") for line in text.splitlines()]
+    assert any("object_loaded" in line for line in visible)
+    assert not any("object_loaded" in line and "written  " in line for line in visible)
+    frames = [line for line in visible if line.startswith("written  ")]
+    assert frames[-1] == f"written  {prefix}_table_0: 150  {prefix}_table_1: 150"
+    assert ": ok (300 rows" in text
+
+
+def test_a_failed_load_prints_its_status_without_an_empty_table(tmp_path: Path) -> None:
+    result = worker("load", str(tmp_path / "nope.pb"))
+    assert result.returncode == 1
+    assert result.stdout.splitlines() == [result.stdout.strip()]  # one line, no table header
+    assert "nope.pb: FAILED object_unavailable" in result.stdout

@@ -1,4 +1,4 @@
-"""Settings are read once from the environment, validated, and frozen (DESIGN §3.7)."""
+"""Settings are read once from the environment, validated, and frozen (README "Configuration")."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from worker.config import ConfigError, Settings
+from worker.core.config import ConfigError, Settings
 
 
 def test_defaults_apply_when_the_environment_is_empty() -> None:
@@ -47,7 +47,14 @@ def test_every_variable_is_read() -> None:
     [
         ({"NAN_POLICY": "zero"}, "NAN_POLICY"),
         ({"MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
-        ({"MAX_WRITE_ATTEMPTS": "0"}, ">= 1"),
+        ({"MAX_WRITE_ATTEMPTS": "0"}, "MAX_WRITE_ATTEMPTS=0 must be between 1 and 100"),
+        ({"POLL_WAIT_S": "30"}, "POLL_WAIT_S=30 must be between 0 and 20"),
+        ({"RETRY_DELAY_S": "901"}, "RETRY_DELAY_S"),
+        ({"DEADLINE_MARGIN_MS": "-1"}, "DEADLINE_MARGIN_MS"),
+        ({"STREAM_FORMAT": "csv"}, "STREAM_FORMAT"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"MAX_TABLES_PER_FILE": "0"}, "MAX_TABLES_PER_FILE"),
+        ({"WRITE_BACKOFF_CAP_MS": "x"}, "WRITE_BACKOFF_CAP_MS"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ],
 )

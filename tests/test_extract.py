@@ -1,4 +1,5 @@
-"""The bundled OutputFile schema, its generated code, and the pluggable extract (DESIGN §3.1)."""
+"""The bundled OutputFile schema, its generated code, and the pluggable extract
+(ARCHITECTURE.md, "Contracts")."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from tests import factories as f
-from worker.errors import CorruptObject
-from worker.extract import Extractor, PluginError, load_plugin
-from worker.extract.outputfile_pb2 import Table
+from worker.core.errors import ConfigError, CorruptObject
+from worker.loader.extract import Extractor, load_plugin
+from worker.loader.extract.outputfile_pb2 import Table
 
-EXTRACT = Path(__file__).resolve().parent.parent / "worker" / "extract"
+EXTRACT = Path(__file__).resolve().parent.parent / "worker" / "loader" / "extract"
 DEFAULT = Extractor.from_specs(
-    "worker.extract.outputfile_pb2:OutputFile", "worker.extract.reference:processOutputData"
+    "worker.loader.extract.outputfile_pb2:OutputFile",
+    "worker.loader.extract.reference:processOutputData",
 )
 
 
@@ -57,14 +59,37 @@ def test_bytes_that_are_not_an_output_file_are_corrupt(data: bytes) -> None:
 
 def test_another_message_class_and_extract_can_be_plugged_in() -> None:
     extractor = Extractor.from_specs(
-        "worker.extract.outputfile_pb2:Table", "tests.plugins:one_table"
+        "worker.loader.extract.outputfile_pb2:Table", "tests.plugins:one_table"
     )
     table = Table(name="solo", columns=["id"])
     table.rows.add(values=[f.value("x")])
     assert extractor.extract(table.SerializeToString()) == {"solo": [{"id": "x"}]}
 
 
-@pytest.mark.parametrize("spec", ["nocolon", "no.such.module:x", "worker.extract:missing"])
-def test_a_plugin_name_that_does_not_resolve_says_so(spec: str) -> None:
-    with pytest.raises(PluginError, match=spec.split(":")[0]):
-        load_plugin(spec)
+@pytest.mark.parametrize("spec", ["nocolon", "no.such.module:x", "worker.loader.extract:missing"])
+def test_a_plugin_name_that_does_not_resolve_names_its_variable(spec: str) -> None:
+    with pytest.raises(ConfigError, match=f"TABLE_EXTRACT={spec!r}") as caught:
+        load_plugin(spec, "TABLE_EXTRACT")
+    assert caught.value.context["variable"] == "TABLE_EXTRACT"
+
+
+@pytest.mark.parametrize(
+    ("message", "extract", "variable"),
+    [
+        (
+            "worker.loader.extract.reference:processOutputData",
+            "tests.plugins:one_table",
+            "OUTPUT_FILE_MESSAGE",
+        ),
+        (
+            "worker.loader.extract.outputfile_pb2:Table",
+            "worker.loader.pipeline:TABLES_AT_ONCE",
+            "TABLE_EXTRACT",
+        ),
+    ],
+)
+def test_a_plugin_of_the_wrong_kind_names_its_variable(
+    message: str, extract: str, variable: str
+) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Extractor.from_specs(message, extract)

@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from tests import factories as f
 from tests.fault_proxy import FaultProxy
-from worker.aws import Clients
-from worker.config import FirehoseSettings, Settings
-from worker.firehose import (
+from worker.core.aws import Clients
+from worker.core.backoff import Backoff
+from worker.core.config import FirehoseSettings, Settings
+from worker.firehose.transform import (
     MAX_RESPONSE_BYTES,
     Transformer,
     parse_created_at,
@@ -232,7 +233,9 @@ async def test_throttled_claims_are_retried_and_never_passed_unverified(
     )
     proxy.throttle_targets, proxy.throttle_fraction = {"PutItem"}, 0.3
     records = [f.firehose_record(event_doc(str(i)), f"r{i}") for i in range(40)]
-    config = FirehoseSettings(cache_table=name, max_attempts=12)
+    config = FirehoseSettings(
+        cache_table=name, backoff=Backoff(base_s=0.05, cap_s=2.0, attempts=12)
+    )
     transformer = Transformer(clients.dynamodb_writes, config)
     response = await transformer.transform(f.firehose_event(*records))
     assert proxy.stats.throttled > 0

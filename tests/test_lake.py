@@ -22,12 +22,12 @@ from tests import factories as f
 from tests.conftest import scan
 from tests.fault_proxy import S3Faults
 from tests.processes import ROOT
-from worker.aws import Clients
-from worker.config import Settings, StreamSettings
-from worker.lake import cdc_rules as rules
-from worker.lake.apply import ApplyResult, apply_changes, read_table
-from worker.streams.buffer import record_from_sdk
-from worker.streams.images import convert_image
+from worker.cdc import cdc_rules as rules
+from worker.cdc.buffer import record_from_sdk
+from worker.cdc.images import convert_image
+from worker.cdc.lake import ApplyResult, apply_changes, read_table
+from worker.core.aws import Clients
+from worker.core.config import AwsSettings, Settings, StreamSettings
 
 LAKE = "lake"
 SOURCE = f"s3://{LAKE}/cdc/src"
@@ -138,7 +138,7 @@ def source_items(ddb: Any) -> dict[str, dict[str, Any]]:
 
 def apply(target: str) -> ApplyResult:
     async def run() -> ApplyResult:
-        async with Clients(max_in_flight=4, region="us-east-1") as clients:
+        async with Clients(max_in_flight=4, aws=AwsSettings(region="us-east-1")) as clients:
             return await apply_changes(clients.s3, SOURCE, target)
 
     return asyncio.run(run())

@@ -1,4 +1,5 @@
-"""One object end to end, against moto and dynalite over HTTP (DESIGN §3.3, §3.4)."""
+"""One object end to end, against moto and dynalite over HTTP (README "Item conversion",
+"Writing")."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from typing import Any
 import pytest
 
 from tests import factories as f
-from tests.conftest import BUCKET, events, scan
-from worker.aws import Clients
-from worker.config import Settings
-from worker.errors import InvalidTable
-from worker.loader import Loader
-from worker.messages import ObjectRef
-from worker.tables import TableRegistry, table_name
+from tests.conftest import BUCKET, events, own, scan
+from worker.core.aws import Clients
+from worker.core.config import Settings
+from worker.core.errors import InvalidTable
+from worker.loader.messages import ObjectRef
+from worker.loader.pipeline import Loader
+from worker.loader.tables import TableRegistry, table_name
 
 pytestmark = pytest.mark.usefixtures("dynamodb")
 
@@ -80,7 +81,7 @@ async def test_an_existing_table_keeps_its_own_key_schema(
             {"AttributeName": "seq", "KeyType": "RANGE"},
         ],
     )
-    ddb.get_waiter("table_exists").wait(TableName=f"{prefix}_events", WaiterConfig={"Delay": 0.1})
+    own(ddb, f"{prefix}_events")
     data = f.output_file(("events", ["pk", "seq", "id"], [["a", 1, "x"], ["a", 2, "y"]]))
     assert (await loader.load(put(s3, "e.pb", data))).ok
     items = scan(ddb, f"{prefix}_events")
@@ -103,7 +104,7 @@ async def test_duplicate_ids_in_a_file_keep_the_last_row(
 ) -> None:
     data = f.output_file(("d", ["id", "v"], [["a", 1], ["a", 2], ["b", 3]]))
     summary = await loader.load(put(s3, "dup.pb", data))
-    assert summary.ok and summary.tables[0].duplicates == 1
+    assert summary.ok and summary.tables[0].conversion.duplicates == 1
     assert by_id(scan(ddb, f"{prefix}_d"))["a"]["v"] == {"N": "2"}
 
 
@@ -161,7 +162,7 @@ async def test_a_row_over_400_kb_is_skipped_and_the_rest_is_written(
 ) -> None:
     data = f.output_file(("big", ["id", "blob"], [["huge", "x" * 410_000], ["fine", "y"]]))
     summary = await loader.load(put(s3, "big.pb", data))
-    assert summary.ok and summary.tables[0].skipped == {"item_too_large": 1}
+    assert summary.ok and summary.tables[0].conversion.skipped == {"item_too_large": 1}
     assert set(by_id(scan(ddb, f"{prefix}_big"))) == {"fine"}
     (warning,) = events(logs, "rows_skipped")
     assert warning["counts"] == {"item_too_large": 1} and warning["log_level"] == "warning"

@@ -1,12 +1,12 @@
-"""SQS bodies name S3 objects in four formats (DESIGN §3.2)."""
+"""SQS bodies name S3 objects in four formats (README "Message formats")."""
 
 from __future__ import annotations
 
 import pytest
 
 from tests import factories as f
-from worker.errors import MalformedMessage
-from worker.messages import ObjectRef, parse_body
+from worker.core.errors import MalformedMessage
+from worker.loader.messages import ObjectRef, parse_body
 
 
 def body(doc: object) -> str:

@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,12 +18,14 @@ import orjson
 import pytest
 
 from tests import factories as f
-from tests.conftest import BUCKET, scan
+from tests import plugins
+from tests.conftest import BUCKET, events, scan
+from tests.fault_proxy import FaultProxy
 from tests.processes import WorkerProcess
-from worker.aws import Clients
-from worker.config import PollSettings, Settings
-from worker.loader import Loader
-from worker.poller import Poller, PollStats, check_health
+from worker.core.aws import Clients
+from worker.core.config import PollSettings, Settings, WriteSettings
+from worker.loader.pipeline import Loader
+from worker.loader.poller import Poller, PollStats, check_health
 
 PollerFactory = Callable[..., Poller]
 
@@ -211,7 +215,7 @@ def test_sigterm_mid_load_deletes_nothing_unwritten_and_releases_at_once(
     assert {"window", "throttles", "in_flight", "rows_written"} <= set(stopped)
     assert depth(sqs, queues.url) == (3, 0)  # all visible now, not after 120 s
 
-    env["TABLE_EXTRACT"] = "worker.extract.reference:processOutputData"
+    env["TABLE_EXTRACT"] = "worker.loader.extract.reference:processOutputData"
     with WorkerProcess("poll", "--processes", "1", "--queue-url", queues.url, env=env) as finish:
         wait_until_empty(sqs, queues.url)
         finish.signal(signal.SIGTERM)
@@ -253,6 +257,138 @@ def test_the_parent_exits_non_zero_when_a_child_dies(moto: str, sqs: Any, tmp_pa
 def test_health_fails_when_a_heartbeat_is_stale_or_missing(tmp_path: Path) -> None:
     settings = PollSettings(health_file=str(tmp_path / "hb"), health_max_age_s=60)
     assert check_health(settings)[0] is False
-    (tmp_path / "hb.123").write_text("x")
+    (tmp_path / f"hb.{os.getpid()}").write_text("x")
     assert check_health(settings)[0] is True
     assert check_health(settings, now=time.time() + 61)[0] is False
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(10)
+    return child.pid
+
+
+def test_the_stale_stamp_of_a_dead_process_does_not_fail_a_live_one(tmp_path: Path) -> None:
+    settings = PollSettings(health_file=str(tmp_path / "hb"), health_max_age_s=60)
+    dead = tmp_path / f"hb.{dead_pid()}"  # killed with SIGKILL: it never removed its stamp
+    dead.write_text("x")
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    assert check_health(settings) == (False, f"no live poller stamps {tmp_path / 'hb'}.<pid>")
+    (tmp_path / f"hb.{os.getpid()}").write_text("x")
+    assert check_health(settings) == (True, "1 poller(s) alive")
+
+
+def test_health_holds_while_one_long_load_takes_every_slot(
+    moto: str, sqs: Any, s3: Any, prefix: str, tmp_path: Path
+) -> None:
+    queues = make_queues(sqs, visibility=30)
+    put_file(s3, "long.pb", rows=5)
+    send(sqs, queues.url, f.plain_body(BUCKET, "long.pb"))
+    health = PollSettings(health_file=str(tmp_path / "hb"), health_max_age_s=3)
+    env = {
+        "TABLE_EXTRACT": "tests.plugins:slow",
+        "SLOW_EXTRACT_S": "8",
+        "MAX_CONCURRENT_OBJECTS": "1",
+        "POLL_WAIT_S": "1",
+        "HEALTH_FILE": health.health_file,
+        "HEALTH_MAX_AGE_S": "3",
+        "SCHEMA_PREFIX": prefix,
+    }
+    verdicts = []
+    with WorkerProcess("poll", "--processes", "1", "--queue-url", queues.url, env=env) as worker:
+        worker.wait_for("object_downloaded")
+        for _ in range(12):  # 6 s of the 8 s load, twice the health limit
+            verdicts.append(check_health(health))
+            time.sleep(0.5)
+        assert not worker.events("object_loaded")  # still loading throughout
+        worker.signal(signal.SIGTERM)
+        worker.wait(30)
+    assert all(healthy for healthy, _ in verdicts), verdicts
+
+
+async def test_a_fifo_group_loads_in_order_while_other_groups_run_beside_it(
+    poller_for: PollerFactory, sqs: Any, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SLOW_EXTRACT_S", "0.6")
+    url = sqs.create_queue(
+        QueueName="ordered.fifo",
+        Attributes={"FifoQueue": "true", "ContentBasedDeduplication": "true"},
+    )["QueueUrl"]
+    for name, group in (("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B")):
+        data = f.output_file(("t", ["id"], [[name]]), file_id=name)
+        s3.put_object(Bucket=BUCKET, Key=f"{name}.pb", Body=data)
+        body = orjson.dumps(f.plain_body(BUCKET, f"{name}.pb")).decode()
+        sqs.send_message(QueueUrl=url, MessageBody=body, MessageGroupId=group)
+    plugins.LOADS.clear()
+    poller = poller_for(url, table_extract="tests.plugins:timed", max_concurrent_objects=4)
+    await run_until(poller, lambda: poller.stats.deleted == 4)
+    spans = {file_id: (start, end) for file_id, start, end in plugins.LOADS}
+    assert spans["a1"][1] <= spans["a2"][0] and spans["a2"][1] <= spans["a3"][0]
+    assert spans["b1"][0] < spans["a2"][0]  # group B did not queue behind group A
+
+
+async def test_a_failure_holds_back_the_rest_of_its_fifo_group(
+    poller_for: PollerFactory, sqs: Any, s3: Any, logs: list[dict[str, Any]]
+) -> None:
+    url = sqs.create_queue(
+        QueueName="held.fifo",
+        Attributes={"FifoQueue": "true", "ContentBasedDeduplication": "true"},
+    )["QueueUrl"]
+    put_file(s3, "after.pb", rows=1)
+    for key in ("missing.pb", "after.pb"):
+        body = orjson.dumps(f.plain_body(BUCKET, key)).decode()
+        sqs.send_message(QueueUrl=url, MessageBody=body, MessageGroupId="G")
+    poller = poller_for(url)
+    stats = await run_until(poller, lambda: poller.stats.failed >= 1, within_s=20)
+    loaded = [e["key"] for e in events(logs, "object_loaded")]
+    assert "after.pb" not in loaded  # never loaded ahead of the failed message before it
+    assert stats.deleted == 0
+
+
+async def test_a_body_whose_shape_breaks_the_parser_fails_with_an_error_line(
+    poller_for: PollerFactory, sqs: Any, logs: list[dict[str, Any]]
+) -> None:
+    queues = make_queues(sqs, visibility=30)
+    body = {"Records": [{"s3": {"bucket": "a-string", "object": {"key": "k"}}}]}
+    message_id = send(sqs, queues.url, body)
+    poller = poller_for(queues.url)
+    stats = await run_until(poller, lambda: poller.stats.failed == 1, within_s=20)
+    assert stats.failed == 1 and stats.deleted == 0
+    (failed,) = events(logs, "message_failed")
+    assert failed["message_id"] == message_id and failed["error"] == "malformed_message"
+    assert "Records[0].s3.bucket is a str" in failed["error_message"]
+
+
+async def test_the_summary_counts_rows_as_they_are_written_and_names_its_process(
+    proxy: FaultProxy, poller_for: PollerFactory, sqs: Any, s3: Any, logs: list[dict[str, Any]]
+) -> None:
+    proxy.latency_s = 0.05  # every request takes a while: 60 batches, 3 s at least
+    queues = make_queues(sqs, visibility=30)
+    put_file(s3, "big.pb", rows=1500)
+    send(sqs, queues.url, f.plain_body(BUCKET, "big.pb"))
+    poll = PollSettings(wait_s=1, summary_interval_s=0.3, health_file="/tmp/unused-hb")
+    one_at_a_time = WriteSettings(max_in_flight=1)
+    poller = poller_for(queues.url, poll=poll, write=one_at_a_time)
+    await run_until(poller, lambda: poller.stats.deleted == 1)
+    during = [e for e in events(logs, "poller_summary") if e["in_flight"] == 1]
+    assert any(0 < e["rows_written"] < 1500 and e["rows_per_s"] > 0 for e in during), during
+    assert {e["pid"] for e in events(logs, "poller_summary")} == {os.getpid()}
+    metrics = events(logs, "metrics")
+    assert metrics and metrics[0]["Service"] == "poller"
+    assert {"RowsWritten", "MessagesFailed"} <= {
+        m["Name"] for m in metrics[0]["_aws"]["CloudWatchMetrics"][0]["Metrics"]
+    }
+
+
+async def test_a_stop_is_announced_at_once_even_while_a_long_poll_waits(
+    poller_for: PollerFactory, poll_settings: Settings, sqs: Any, logs: list[dict[str, Any]]
+) -> None:
+    queues = make_queues(sqs, visibility=30)
+    poller = poller_for(queues.url, poll=dataclasses.replace(poll_settings.poll, wait_s=2))
+    running = asyncio.create_task(poller.run())
+    await asyncio.sleep(0.5)
+    poller.stop()
+    (stopping,) = events(logs, "poller_stopping")
+    assert stopping["long_poll_ends_within_s"] == 2
+    await running
+    assert events(logs, "poller_stopped")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import orjson
 
 from tests import factories as f
 from tests.conftest import BUCKET, scan
@@ -48,3 +49,30 @@ def test_the_runtime_interface_client_serves_sqs_events_through_the_handler(
             runtime.wait(10)
     assert api.init_errors == []
     assert {i["id"]["S"] for i in scan(boto3.client("dynamodb"), f"{prefix}_t")} == {"x", "y"}
+
+
+WARM_PROCESS = """
+import lambda_entry
+from tests import factories as f
+
+for request in ("req-1", "req-2"):  # two invocations on one warm runtime
+    event = f.sqs_event(f.sqs_record(f.plain_body("input", "a.pb")))
+    response = lambda_entry.handler(event, f.LambdaContext(aws_request_id=request))
+    assert response == {"batchItemFailures": []}, response
+"""  # then the interpreter exits, as it does when Lambda ends the environment
+
+
+def test_a_warm_lambda_process_writes_only_json_lines_through_its_exit(
+    moto: str, s3: Any, prefix: str
+) -> None:
+    s3.put_object(Bucket=BUCKET, Key="a.pb", Body=f.output_file(("t", ["id"], [["x"]])))
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_PROCESS],
+        cwd=ROOT, env={**os.environ, "SCHEMA_PREFIX": prefix, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert sum('"invocation_start"' in line for line in lines) == 2
+    for line in lines:  # "Unclosed client session" would be a plain-text line
+        assert isinstance(orjson.loads(line), dict), line

@@ -15,7 +15,7 @@ import pytest
 from tests import factories as f
 from tests.conftest import events
 from tests.fault_proxy import S3Faults
-from worker.config import Settings, StreamSettings
+from worker.core.config import Settings, StreamSettings
 
 LAKE = "lake"
 Handler = Callable[..., dict[str, Any]]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.streams.images import convert_image, convert_value, number
+from worker.cdc.images import convert_image, convert_value, number
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The batch writer under DynamoDB's real behaviour, through the fault proxy (DESIGN §3.4)."""
+"""The batch writer under DynamoDB's real behaviour, through the fault proxy (README "Writing")."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from botocore.exceptions import ClientError
 from tests import factories as f
 from tests.conftest import BUCKET, scan
 from tests.fault_proxy import FaultProxy
-from worker.aws import Clients
-from worker.config import Settings
-from worker.errors import WriteThrottled
-from worker.items import Item
-from worker.loader import Loader
-from worker.messages import ObjectRef
-from worker.writer import BatchWriter, Window
+from worker.core.aws import Clients
+from worker.core.config import Settings
+from worker.core.errors import WriteThrottled
+from worker.loader.ddb_http import BatchWriteClient, batch_write_client
+from worker.loader.items import Item
+from worker.loader.messages import ObjectRef
+from worker.loader.pipeline import Loader
+from worker.loader.writer import BatchWriter, Window
 
 
 @pytest.fixture(params=["fast", "sdk"])
@@ -58,14 +59,14 @@ async def test_under_30pct_unprocessed_and_10pct_throttles_every_row_lands_exact
     stored = scan(ddb, f"{prefix}_t")
     assert sorted(i["id"]["S"] for i in stored) == sorted(r[0] for r in rows)
     table = summary.tables[0]
-    assert table.retries > 0 and table.throttled_requests == proxy.stats.throttled
+    assert table.write.retries > 0 and table.write.throttled_requests == proxy.stats.throttled
 
 
 async def test_the_window_shrinks_under_throttling_and_recovers_after(
-    proxy: FaultProxy, settings: Settings, clients: Clients, prefix: str
+    proxy: FaultProxy, settings: Settings, batch_writes: BatchWriteClient, prefix: str
 ) -> None:
     create_table(f"{prefix}_w")
-    writer = BatchWriter(clients.batch_writes, settings.write)
+    writer = BatchWriter(batch_writes, settings.write)
     assert writer.window.limit == settings.write.max_in_flight
     proxy.throttle_fraction = 0.6
     await writer.write(f"{prefix}_w", items(1000))
@@ -77,12 +78,14 @@ async def test_the_window_shrinks_under_throttling_and_recovers_after(
 
 
 async def test_writes_that_stay_throttled_fail_as_retryable_after_max_attempts(
-    proxy: FaultProxy, settings: Settings, clients: Clients, prefix: str
+    proxy: FaultProxy, settings: Settings, batch_writes: BatchWriteClient, prefix: str
 ) -> None:
     create_table(f"{prefix}_x")
     proxy.throttle_fraction = 1.0
-    limited = dataclasses.replace(settings.write, max_attempts=3)
-    writer = BatchWriter(clients.batch_writes, limited)
+    limited = dataclasses.replace(
+        settings.write, backoff=dataclasses.replace(settings.write.backoff, attempts=3)
+    )
+    writer = BatchWriter(batch_writes, limited)
     with pytest.raises(WriteThrottled) as caught:
         await writer.write(f"{prefix}_x", items(30))
     assert caught.value.retriable
@@ -91,7 +94,7 @@ async def test_writes_that_stay_throttled_fail_as_retryable_after_max_attempts(
 
 
 async def test_backoff_grows_exponentially_with_full_jitter(
-    proxy: FaultProxy, settings: Settings, clients: Clients, prefix: str
+    proxy: FaultProxy, settings: Settings, batch_writes: BatchWriteClient, prefix: str
 ) -> None:
     create_table(f"{prefix}_b")
     proxy.throttle_fraction = 1.0
@@ -100,11 +103,14 @@ async def test_backoff_grows_exponentially_with_full_jitter(
     async def record(seconds: float) -> None:
         sleeps.append(seconds)
 
-    write = dataclasses.replace(settings.write, max_attempts=5, backoff_cap_s=100.0)
-    writer = BatchWriter(clients.batch_writes, write, sleep=record, jitter=lambda: 1.0)
+    write = dataclasses.replace(
+        settings.write,
+        backoff=dataclasses.replace(settings.write.backoff, attempts=5, cap_s=100.0),
+    )
+    writer = BatchWriter(batch_writes, write, sleep=record, jitter=lambda: 1.0)
     with pytest.raises(WriteThrottled):
         await writer.write(f"{prefix}_b", items(1))
-    base = write.backoff_base_s
+    base = write.backoff.base_s
     assert sleeps == [base * 2, base * 4, base * 8, base * 16]
 
 
@@ -113,9 +119,9 @@ async def test_a_badly_signed_request_is_refused_by_the_proxy(
 ) -> None:
     create_table(f"{prefix}_sig")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    async with Clients(max_in_flight=2, write_path="fast") as wrong:
+    async with Clients(max_in_flight=2) as wrong:
         with pytest.raises(ClientError) as caught:
-            await wrong.batch_writes.batch_write_item(
+            await batch_write_client(wrong, "fast").batch_write_item(
                 RequestItems={f"{prefix}_sig": [{"PutRequest": {"Item": items(1)[0]}}]}
             )
     assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"

@@ -1,0 +1,285 @@
+"""Typed, frozen configuration, built once from the environment at the entry point.
+
+Nothing else in the package reads ``os.environ``: the entry points call
+``Settings.from_env()`` and pass the result down. Every value is checked here
+against the range AWS (or the worker) accepts, and a bad one is a
+``ConfigError`` naming the variable. A product checks what only it needs (a
+bucket, a table, a plugin) when the entry point builds it, with ``require``.
+The standard AWS variables (``AWS_REGION``, ``AWS_ENDPOINT_URL_DYNAMODB``...)
+are read by botocore itself; the S3 endpoint is also read here, for delta-rs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, cast, get_args
+
+from worker.core.backoff import Backoff
+from worker.core.errors import ConfigError
+
+NanPolicy = Literal["null", "string", "drop"]
+WritePath = Literal["fast", "sdk"]
+StreamFormat = Literal["ndjson", "parquet"]
+LogFormat = Literal["auto", "json", "console"]
+
+MiB = 1024 * 1024
+SQS_MAX_WAIT_S = 20  # ReceiveMessage's WaitTimeSeconds is 0..20
+SQS_MAX_VISIBILITY_S = 12 * 3600
+WRITE_BACKOFF = Backoff(base_s=0.05, cap_s=10.0, attempts=10)
+CLAIM_BACKOFF = Backoff(base_s=0.05, cap_s=2.0, attempts=6)
+
+__all__ = ["ConfigError", "Settings"]
+
+
+def _int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int = 1, maximum: int | None = None
+) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw[:40]!r} is not an integer", variable=name) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ConfigError(f"{name}={value} must be {bound}", variable=name)
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ConfigError(
+            f"{name}={value[:40]!r} must be one of {', '.join(choices)}", variable=name
+        )
+    return value
+
+
+def _text(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, "").strip() or default
+
+
+def _backoff(
+    env: Mapping[str, str], prefix: str, default: Backoff, *, attempts_name: str
+) -> Backoff:
+    return Backoff(
+        base_s=_int(env, f"{prefix}_BACKOFF_BASE_MS", round(default.base_s * 1000), maximum=60_000)
+        / 1000,
+        cap_s=_int(env, f"{prefix}_BACKOFF_CAP_MS", round(default.cap_s * 1000), maximum=900_000)
+        / 1000,
+        attempts=_int(env, attempts_name, default.attempts, maximum=100),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WriteSettings:
+    """How the batch writer paces itself (ARCHITECTURE.md, "Writing")."""
+
+    path: WritePath = "fast"
+    max_in_flight: int = 32
+    backoff: Backoff = WRITE_BACKOFF
+
+    @property
+    def max_attempts(self) -> int:
+        return self.backoff.attempts
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PollSettings:
+    """The ECS long poller (``worker poll``)."""
+
+    queue_url: str = ""
+    wait_s: int = SQS_MAX_WAIT_S
+    shutdown_grace_s: float = 25.0
+    retry_delay_s: int = 5
+    health_file: str = "/tmp/worker-health"
+    health_max_age_s: int = 90
+    summary_interval_s: float = 60.0
+
+    @property
+    def retry_backoff(self) -> Backoff:
+        """Visibility of a message whose load may succeed later: RETRY_DELAY_S * 2^n, <= 15 min."""
+        return Backoff(base_s=self.retry_delay_s, cap_s=900, jitter=False)
+
+    def require(self) -> None:
+        if not self.queue_url:
+            raise ConfigError("no queue: pass --queue-url or set QUEUE_URL", variable="QUEUE_URL")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FirehoseSettings:
+    """The Firehose transformation (dedupe cache and partitioning)."""
+
+    cache_table: str = ""
+    ttl_hours: int = 24
+    separator: str = "."
+    dedupe_concurrency: int = 16
+    backoff: Backoff = CLAIM_BACKOFF
+
+    def require(self) -> None:
+        if not self.cache_table:
+            raise ConfigError(
+                "EVENT_CACHE_TABLE_NAME is not set: the Firehose transform deduplicates there",
+                variable="EVENT_CACHE_TABLE_NAME",
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StreamSettings:
+    """The DynamoDB Streams -> S3 buffer."""
+
+    bucket: str = ""
+    prefix: str = "cdc"
+    format: StreamFormat = "ndjson"
+    max_records: int = 10_000
+    max_bytes: int = 64 * MiB
+    write_concurrency: int = 8
+
+    def require(self) -> None:
+        if not self.bucket:
+            raise ConfigError(
+                "STREAM_BUCKET is not set: the streams buffer writes its parts there",
+                variable="STREAM_BUCKET",
+            )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AwsSettings:
+    """Client timeouts, and the S3 endpoint that delta-rs must be told about."""
+
+    region: str | None = None
+    connect_timeout_s: int = 5
+    read_timeout_s: int = 60
+    s3_endpoint_url: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    """Everything the worker reads from its environment, validated once."""
+
+    aws: AwsSettings = field(default_factory=AwsSettings)
+    schema_prefix: str = ""
+    source_buckets: tuple[str, ...] = ()  # "*": any; required outside local use
+    output_file_message: str = "worker.loader.extract.outputfile_pb2:OutputFile"
+    table_extract: str = "worker.loader.extract.reference:processOutputData"
+    nan_policy: NanPolicy = "null"
+    max_concurrent_objects: int = 4
+    max_objects_per_message: int = 100
+    max_tables_per_file: int = 256
+    max_object_bytes: int = 256 * MiB
+    max_decoded_bytes: int = 1024 * MiB
+    log_level: str = "INFO"
+    log_format: LogFormat = "auto"
+    deadline_margin_ms: int = 10_000
+    table_active_timeout_s: float = 120.0
+    write: WriteSettings = field(default_factory=WriteSettings)
+    poll: PollSettings = field(default_factory=PollSettings)
+    firehose: FirehoseSettings = field(default_factory=FirehoseSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
+
+    @property
+    def region(self) -> str | None:
+        return self.aws.region
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        d = cls()
+        buckets = tuple(b.strip() for b in env.get("SOURCE_BUCKETS", "").split(",") if b.strip())
+        return cls(
+            aws=_aws(env),
+            schema_prefix=_text(env, "SCHEMA_PREFIX"),
+            source_buckets=buckets,
+            output_file_message=_text(env, "OUTPUT_FILE_MESSAGE", d.output_file_message),
+            table_extract=_text(env, "TABLE_EXTRACT", d.table_extract),
+            nan_policy=cast(
+                NanPolicy, _choice(env, "NAN_POLICY", d.nan_policy, get_args(NanPolicy))
+            ),
+            max_concurrent_objects=_int(
+                env, "MAX_CONCURRENT_OBJECTS", d.max_concurrent_objects, maximum=1000
+            ),
+            max_objects_per_message=_int(
+                env, "MAX_OBJECTS_PER_MESSAGE", d.max_objects_per_message, maximum=10_000
+            ),
+            max_tables_per_file=_int(
+                env, "MAX_TABLES_PER_FILE", d.max_tables_per_file, maximum=10_000
+            ),
+            max_object_bytes=_int(env, "MAX_OBJECT_BYTES", d.max_object_bytes),
+            max_decoded_bytes=_int(env, "MAX_DECODED_BYTES", d.max_decoded_bytes),
+            log_level=_choice(
+                env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")
+            ).upper(),
+            log_format=cast(
+                LogFormat, _choice(env, "LOG_FORMAT", d.log_format, get_args(LogFormat))
+            ),
+            deadline_margin_ms=_int(
+                env, "DEADLINE_MARGIN_MS", d.deadline_margin_ms, minimum=0, maximum=900_000
+            ),
+            table_active_timeout_s=_int(
+                env, "TABLE_ACTIVE_TIMEOUT_S", int(d.table_active_timeout_s), maximum=3600
+            ),
+            write=_write(env),
+            poll=_poll(env),
+            firehose=_firehose(env),
+            streams=_streams(env),
+        )
+
+
+def _aws(env: Mapping[str, str]) -> AwsSettings:
+    d = AwsSettings()
+    return AwsSettings(
+        region=_text(env, "AWS_REGION") or _text(env, "AWS_DEFAULT_REGION") or None,
+        connect_timeout_s=_int(env, "AWS_CONNECT_TIMEOUT_S", d.connect_timeout_s, maximum=300),
+        read_timeout_s=_int(env, "AWS_READ_TIMEOUT_S", d.read_timeout_s, maximum=900),
+        s3_endpoint_url=_text(env, "AWS_ENDPOINT_URL_S3") or _text(env, "AWS_ENDPOINT_URL") or None,
+    )
+
+
+def _write(env: Mapping[str, str]) -> WriteSettings:
+    d = WriteSettings()
+    return WriteSettings(
+        path=cast(WritePath, _choice(env, "DDB_WRITE_PATH", d.path, get_args(WritePath))),
+        max_in_flight=_int(env, "MAX_IN_FLIGHT", d.max_in_flight, maximum=1024),
+        backoff=_backoff(env, "WRITE", d.backoff, attempts_name="MAX_WRITE_ATTEMPTS"),
+    )
+
+
+def _poll(env: Mapping[str, str]) -> PollSettings:
+    d = PollSettings()
+    return PollSettings(
+        queue_url=_text(env, "QUEUE_URL"),
+        wait_s=_int(env, "POLL_WAIT_S", d.wait_s, minimum=0, maximum=SQS_MAX_WAIT_S),
+        shutdown_grace_s=_int(
+            env, "SHUTDOWN_GRACE_S", int(d.shutdown_grace_s), minimum=0, maximum=3600
+        ),
+        retry_delay_s=_int(env, "RETRY_DELAY_S", d.retry_delay_s, minimum=0, maximum=900),
+        health_file=_text(env, "HEALTH_FILE", d.health_file),
+        health_max_age_s=_int(env, "HEALTH_MAX_AGE_S", d.health_max_age_s, minimum=3),
+        summary_interval_s=_int(env, "SUMMARY_INTERVAL_S", int(d.summary_interval_s)),
+    )
+
+
+def _firehose(env: Mapping[str, str]) -> FirehoseSettings:
+    d = FirehoseSettings()
+    return FirehoseSettings(
+        cache_table=_text(env, "EVENT_CACHE_TABLE_NAME"),
+        ttl_hours=_int(env, "EVENT_CACHE_TTL_HOURS", d.ttl_hours, maximum=24 * 366),
+        separator=env.get("EVENT_NAME_SEPARATOR", "") or d.separator,
+        dedupe_concurrency=_int(env, "DEDUPE_CONCURRENCY", d.dedupe_concurrency, maximum=1000),
+        backoff=_backoff(env, "EVENT_CACHE", d.backoff, attempts_name="EVENT_CACHE_MAX_ATTEMPTS"),
+    )
+
+
+def _streams(env: Mapping[str, str]) -> StreamSettings:
+    d = StreamSettings()
+    return StreamSettings(
+        bucket=_text(env, "STREAM_BUCKET"),
+        prefix=env.get("STREAM_PREFIX", d.prefix).strip().strip("/"),
+        format=cast(StreamFormat, _choice(env, "STREAM_FORMAT", d.format, get_args(StreamFormat))),
+        max_records=_int(env, "STREAM_MAX_RECORDS", d.max_records, maximum=1_000_000),
+        max_bytes=_int(env, "STREAM_MAX_BYTES", d.max_bytes, minimum=1024, maximum=5 * 1024 * MiB),
+        write_concurrency=_int(env, "STREAM_WRITE_CONCURRENCY", d.write_concurrency, maximum=256),
+    )

@@ -1,0 +1,1 @@
+"""Entry points: the CLI, the Lambda runtime and routing, the demo and sample data."""

@@ -1,0 +1,224 @@
+"""The ``worker`` command line (also ``python -m worker``).
+
+Every command has ``--help``. Whatever goes wrong ends in one line on stderr:
+a wrong argument or setting exits 2, a failure at run time exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, NoReturn
+
+import uvloop
+
+from worker.core import log
+from worker.core.config import Settings
+from worker.core.errors import ConfigError, WorkerError
+
+DESCRIPTION = (
+    "Asyncio ingestion worker for AWS data pipelines: loads S3 OutputFiles named by SQS "
+    "messages into DynamoDB, buffers DynamoDB Streams into a Delta lake, and transforms "
+    "Firehose records."
+)
+COMMANDS: dict[str, str] = {
+    "load": "load S3 objects or local files into DynamoDB, with a progress line and a summary",
+    "poll": "long-poll an SQS queue and load the objects its messages name (the ECS service)",
+    "health": "exit 0 when every live poller of this container refreshed its heartbeat",
+    "sample": "write a realistic reference OutputFile, for trying the loader",
+    "setup": "create supporting AWS resources; running it again changes nothing",
+    "lake": "the Delta Lake side of CDC",
+    "demo": "run the whole job end to end against an embedded local AWS (moto)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="worker", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"worker {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=COMMANDS[name], description=COMMANDS[name])
+
+    load = command("load")
+    load.add_argument(
+        "targets", nargs="+", metavar="s3://BUCKET/KEY|FILE", help="objects or files to load"
+    )
+
+    poll = command("poll")
+    poll.add_argument("--queue-url", help="the queue (default: $QUEUE_URL)")
+    poll.add_argument(
+        "--processes", type=_positive, default=None, help="poller processes (default: CPU count)"
+    )
+
+    command("health")
+
+    sample = command("sample")
+    sample.add_argument("out", type=Path, help="the file to write")
+    sample.add_argument("--rows", type=_positive, default=10_000, help="rows in all (10000)")
+    sample.add_argument("--tables", type=_positive, default=4, help="tables to spread them over")
+    sample.add_argument("--seed", type=int, default=1, help="random seed: same seed, same file")
+    sample.add_argument("--gzip", action="store_true", help="gzip the output")
+
+    setup = command("setup")
+    setup.add_argument(
+        "what", choices=["firehose-cache"], help="firehose-cache: the dedupe table with TTL"
+    )
+
+    lake = command("lake")
+    lake_commands = lake.add_subparsers(dest="lake_command", required=True, parser_class=_Parser)
+    what = "MERGE the stream parts not applied yet into a Delta table"
+    apply = lake_commands.add_parser("apply", help=what, description=what)
+    apply.add_argument("--source", required=True, help="s3://BUCKET/PREFIX/TABLE of the parts")
+    apply.add_argument("--target", required=True, help="a local path or s3:// URI")
+
+    demo = command("demo")
+    demo.add_argument("--rows", type=_positive, default=5_000, help="rows per sample file")
+    return parser
+
+
+def _version() -> str:
+    try:
+        return version("worker")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = f"worker {args.command}"
+    try:
+        return _dispatch(args, Settings.from_env())
+    except WorkerError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except ModuleNotFoundError as exc:  # an optional extra this install lacks
+        print(f"{prog}: error: {_missing_extra(exc)}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    command: str = args.command
+    if command == "sample":
+        return _sample(args)
+    if command == "health":
+        return _health(settings)
+    if command == "poll":
+        return _poll(settings, args)
+    if command == "setup":
+        return _run(_setup_firehose_cache(settings))
+    if command == "demo":
+        from worker.entry.demo import run_demo
+
+        log.configure("WARNING", stream=sys.stderr)  # the demo prints its own report on stdout
+        return run_demo(rows=args.rows)
+    log.configure(settings.log_level, stream=sys.stderr, fmt=settings.log_format)
+    if command == "lake":
+        from worker.entry.console import lake_apply
+
+        return _run(lake_apply(settings, args.source, args.target))
+    from worker.entry.console import load_targets
+
+    return _run(load_targets(settings, args.targets))
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    return uvloop.run(coroutine)
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str:
+    extras = {"deltalake": "lake", "pyarrow": "parquet", "moto": "dev"}
+    root = (exc.name or "").partition(".")[0]
+    extra = extras.get(root)
+    if extra is None:
+        raise exc
+    return (
+        f"this install lacks {root!r}: install the '{extra}' extra (pip install 'worker[{extra}]')"
+    )
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import gzip
+
+    from worker.entry.sample import sample_file
+
+    data = sample_file(rows=args.rows, tables=args.tables, seed=args.seed).SerializeToString()
+    written = gzip.compress(data) if args.gzip else data
+    args.out.write_bytes(written)
+    size = f"{len(written)} bytes" + (f" gzipped ({len(data)} decoded)" if args.gzip else "")
+    print(f"wrote {args.out}: {args.rows} rows in {args.tables} tables, {size}")
+    return 0
+
+
+def _health(settings: Settings) -> int:
+    from worker.loader.poller import check_health
+
+    healthy, why = check_health(settings.poll)
+    print(why)
+    return 0 if healthy else 1
+
+
+def _poll(settings: Settings, args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    poll = dataclasses.replace(settings.poll, queue_url=args.queue_url or settings.poll.queue_url)
+    poll.require()
+    processes = args.processes or os.cpu_count() or 1
+    log.configure(settings.log_level, fmt="json" if processes > 1 else settings.log_format)
+    if processes > 1:
+        from worker.loader.supervisor import supervise
+
+        return supervise(processes, ["--queue-url", poll.queue_url])
+    return _run(_poll_once(dataclasses.replace(settings, poll=poll)))
+
+
+async def _poll_once(settings: Settings) -> int:
+    from worker.core.aws import Clients
+    from worker.loader.pipeline import Loader
+    from worker.loader.poller import Poller
+
+    async with Clients.from_settings(settings) as clients:
+        loader = Loader(settings, clients)
+        poller = Poller(
+            loader, clients.sqs, settings.poll, concurrency=settings.max_concurrent_objects
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, poller.stop)
+        await poller.run()
+    return 0
+
+
+async def _setup_firehose_cache(settings: Settings) -> int:
+    from worker.core.aws import Clients
+    from worker.firehose.transform import setup_cache_table
+
+    settings.firehose.require()
+    name = settings.firehose.cache_table
+    async with Clients.from_settings(settings) as clients:
+        done = await setup_cache_table(clients.dynamodb, name)
+    created = "created" if done.created else "already exists"
+    ttl = "TTL enabled on expires_at" if done.ttl_enabled else "TTL already enabled"
+    print(f"{name}: {created}; {ttl}")
+    return 0

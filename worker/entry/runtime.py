@@ -1,0 +1,78 @@
+"""The container's single event loop (uvloop) and its long-lived products.
+
+Lambda calls the handler synchronously, once per invocation, on the same
+thread. ``Runtime`` keeps one ``asyncio.Runner`` and one set of clients for the
+container's life, so warm invocations reuse connections, the table-schema
+cache and the write window. Each product (the loader, the Firehose
+transformer, the streams buffer) is built on its first event, and that is
+when its settings are checked: a bad one is a ``ConfigError`` naming the
+variable, before any record is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import uvloop
+
+from worker.core import log
+from worker.core.aws import Clients
+from worker.core.config import Settings, StreamSettings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+    from worker.firehose.transform import Transformer
+    from worker.loader.pipeline import Loader
+
+T = TypeVar("T")
+
+
+class Runtime:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        log.configure(self.settings.log_level, fmt=self.settings.log_format)
+        self._runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        self._clients: Clients | None = None
+        self._loader: Loader | None = None
+        self._transformer: Transformer | None = None
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coroutine)
+
+    async def clients(self) -> Clients:
+        """The container's clients, opened on first use."""
+        if self._clients is None:
+            clients = Clients.from_settings(self.settings)
+            await clients.__aenter__()
+            self._clients = clients
+        return self._clients
+
+    async def loader(self) -> Loader:
+        if self._loader is None:
+            from worker.loader.pipeline import Loader
+
+            self._loader = Loader(self.settings, await self.clients())
+        return self._loader
+
+    async def transformer(self) -> Transformer:
+        if self._transformer is None:
+            from worker.firehose.transform import Transformer
+
+            self.settings.firehose.require()
+            clients = await self.clients()
+            self._transformer = Transformer(clients.dynamodb_writes, self.settings.firehose)
+        return self._transformer
+
+    async def stream_buffer(self) -> tuple[S3Client, StreamSettings]:
+        self.settings.streams.require()
+        return (await self.clients()).s3, self.settings.streams
+
+    def close(self) -> None:
+        """Close the clients and the loop; safe to call more than once."""
+        clients, self._clients, self._loader, self._transformer = self._clients, None, None, None
+        if clients is not None:
+            self._runner.run(clients.aclose())
+        self._runner.close()

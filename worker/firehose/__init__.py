@@ -1,0 +1,1 @@
+"""The Amazon Data Firehose transformation: decode, deduplicate, enrich, partition."""

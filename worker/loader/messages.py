@@ -1,0 +1,134 @@
+"""SQS message body -> the S3 objects it names (ARCHITECTURE.md, "Message formats").
+
+Accepted bodies:
+1. ``{"bucket": ..., "key": ..., "version_id": ...?}``
+2. an S3 event notification (``Records[].s3``); keys are URL-decoded with
+   ``unquote_plus``; ``s3:TestEvent`` names nothing and is acknowledged
+3. an SNS envelope (``Type: Notification``) whose ``Message`` is 1 or 2
+4. an EventBridge "Object Created" event (``detail.bucket.name``/``detail.object.key``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+
+from worker.core.errors import MalformedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    bucket: str
+    key: str
+    version_id: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_body(body: Any, *, max_objects: int = 100) -> list[ObjectRef]:
+    """Return the distinct objects a message body names, in order; ``[]`` for an S3
+    test event. Any shape the formats do not allow is ``MalformedMessage``."""
+    if not isinstance(body, str | bytes):
+        raise MalformedMessage(f"body is a {type(body).__name__}, not text")
+    refs = list(dict.fromkeys(_refs(_json(body, "body"), depth=0)))
+    if len(refs) > max_objects:
+        raise MalformedMessage(
+            f"body names {len(refs)} objects, over MAX_OBJECTS_PER_MESSAGE={max_objects}"
+        )
+    return refs
+
+
+def _json(text: str | bytes, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"{what} is not JSON: {exc}") from None
+
+
+def _refs(doc: Any, *, depth: int) -> list[ObjectRef]:
+    if not isinstance(doc, dict):
+        raise MalformedMessage(f"body is a JSON {type(doc).__name__}, not an object")
+    if doc.get("Type") == "Notification" and "Message" in doc and depth == 0:
+        message = doc["Message"]
+        if not isinstance(message, str):
+            raise MalformedMessage("SNS envelope Message is not a string")
+        return _refs(_json(message, "SNS Message"), depth=1)
+    if doc.get("Event") == "s3:TestEvent":
+        return []
+    if "Records" in doc:
+        return _s3_notification(doc["Records"])
+    if doc.get("detail-type") == "Object Created" and isinstance(doc.get("detail"), dict):
+        return [_eventbridge(doc["detail"])]
+    if "bucket" in doc or "key" in doc:
+        return [_plain(doc)]
+    raise MalformedMessage(
+        "body is none of: {bucket,key}, S3 notification, SNS envelope, EventBridge event"
+    )
+
+
+def _section(doc: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    """``doc[name]`` when it is an object; ``{}`` when absent; malformed otherwise."""
+    value = doc.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MalformedMessage(f"{where}{name} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _optional_text(value: Any, field: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise MalformedMessage(f"{field} is not a string")
+    return value
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise MalformedMessage(f"{field} is missing or not a non-empty string")
+    return value
+
+
+def _plain(doc: dict[str, Any]) -> ObjectRef:
+    return ObjectRef(
+        _text(doc.get("bucket"), "bucket"),
+        _text(doc.get("key"), "key"),
+        _optional_text(doc.get("version_id"), "version_id"),
+    )
+
+
+def _s3_notification(records: Any) -> list[ObjectRef]:
+    if not isinstance(records, list) or not records:
+        raise MalformedMessage("Records is not a non-empty list")
+    refs = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("s3"), dict):
+            raise MalformedMessage(f"Records[{index}] has no s3 section")
+        if not str(record.get("eventName", "ObjectCreated")).startswith("ObjectCreated"):
+            continue  # removals and restores name nothing to load
+        where = f"Records[{index}].s3."
+        s3 = record["s3"]
+        obj = _section(s3, "object", where)
+        refs.append(
+            ObjectRef(
+                _text(_section(s3, "bucket", where).get("name"), f"{where}bucket.name"),
+                unquote_plus(_text(obj.get("key"), f"{where}object.key")),
+                _optional_text(obj.get("versionId"), f"{where}object.versionId"),
+            )
+        )
+    return refs
+
+
+def _eventbridge(detail: dict[str, Any]) -> ObjectRef:
+    obj = _section(detail, "object", "detail.")
+    return ObjectRef(
+        _text(_section(detail, "bucket", "detail.").get("name"), "detail.bucket.name"),
+        _text(obj.get("key"), "detail.object.key"),
+        _optional_text(obj.get("version-id"), "detail.object.version-id"),
+    )
