@@ -219,7 +219,7 @@ def test_load_on_a_terminal_shows_readable_logs_apart_from_a_final_progress_line
     assert ": ok (300 rows" in text
 
 
-def test_a_failed_load_prints_its_status_without_an_empty_table(tmp_path: Path) -> None:
+def test_a_failed_load_prints_its_status_without_an_empty_table(moto: str, tmp_path: Path) -> None:
     result = worker("load", str(tmp_path / "nope.pb"))
     assert result.returncode == 1
     assert result.stdout.splitlines() == [result.stdout.strip()]  # one line, no table header
