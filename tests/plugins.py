@@ -51,3 +51,10 @@ def timed(output_file: OutputFile) -> dict[str, list[dict[str, Any]]]:
     rows = slow(output_file)
     LOADS.append((output_file.file_id, start, time.monotonic()))
     return rows
+
+
+def always_transient(output_file: OutputFile) -> dict[str, list[dict[str, Any]]]:
+    """A dependency that never recovers: every attempt fails as retryable."""
+    from worker.core.errors import TransientAwsError
+
+    raise TransientAwsError("simulated outage")

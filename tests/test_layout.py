@@ -10,7 +10,7 @@ import pytest
 
 from tests.processes import ROOT
 
-PRODUCTS = ("loader", "cdc", "firehose")
+PRODUCTS = ("loader", "cdc", "firehose", "ledger")
 
 
 def imported_packages(path: Path) -> set[str]:

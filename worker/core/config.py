@@ -146,6 +146,45 @@ class StreamSettings:
             )
 
 
+Environment = Literal["staging", "prod"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LedgerSettings:
+    """The run/file ledger, its API, and the loader queue runs are dispatched to."""
+
+    run_table: str = ""
+    file_table: str = ""
+    dataset_table: str = ""
+    environment: Environment = "staging"
+    loader_queue_url: str = ""
+    max_receives: int = 5  # the loader queue's maxReceiveCount: the last receive fails a file
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.run_table and self.file_table)
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.run_table, self.file_table, self.dataset_table) if t)
+
+    def require(self, *, dispatch: bool = False) -> None:
+        for variable, value in (
+            ("RUN_TABLE_NAME", self.run_table),
+            ("FILE_TABLE_NAME", self.file_table),
+            ("DATASET_TABLE_NAME", self.dataset_table),
+        ):
+            if not value:
+                raise ConfigError(
+                    f"{variable} is not set: the ledger keeps runs there", variable=variable
+                )
+        if dispatch and not self.loader_queue_url:
+            raise ConfigError(
+                "LOADER_QUEUE_URL is not set: runs send their files there",
+                variable="LOADER_QUEUE_URL",
+            )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AwsSettings:
     """Client timeouts, and the S3 endpoint that delta-rs must be told about."""
@@ -179,6 +218,7 @@ class Settings:
     poll: PollSettings = field(default_factory=PollSettings)
     firehose: FirehoseSettings = field(default_factory=FirehoseSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
 
     @property
     def region(self) -> str | None:
@@ -225,6 +265,7 @@ class Settings:
             poll=_poll(env),
             firehose=_firehose(env),
             streams=_streams(env),
+            ledger=_ledger(env),
         )
 
 
@@ -270,6 +311,21 @@ def _firehose(env: Mapping[str, str]) -> FirehoseSettings:
         separator=env.get("EVENT_NAME_SEPARATOR", "") or d.separator,
         dedupe_concurrency=_int(env, "DEDUPE_CONCURRENCY", d.dedupe_concurrency, maximum=1000),
         backoff=_backoff(env, "EVENT_CACHE", d.backoff, attempts_name="EVENT_CACHE_MAX_ATTEMPTS"),
+    )
+
+
+def _ledger(env: Mapping[str, str]) -> LedgerSettings:
+    d = LedgerSettings()
+    return LedgerSettings(
+        run_table=_text(env, "RUN_TABLE_NAME"),
+        file_table=_text(env, "FILE_TABLE_NAME"),
+        dataset_table=_text(env, "DATASET_TABLE_NAME"),
+        environment=cast(
+            Environment,
+            _choice(env, "ENVIRONMENT", d.environment, get_args(Environment)),
+        ),
+        loader_queue_url=_text(env, "LOADER_QUEUE_URL"),
+        max_receives=_int(env, "LOADER_MAX_RECEIVES", d.max_receives, maximum=1000),
     )
 
 

@@ -19,7 +19,10 @@ what the caller should do with the message that caused it::
         ├── InvalidTable          a table name DynamoDB cannot accept, or a write it rejects
         │   └── TableNotOwned     a table the loader did not create (ledger, cache, others')
         ├── UnsupportedEvent      a Lambda event of a shape no route knows
-        └── LakeError             a Delta apply that cannot proceed (bad part, missing bucket)
+        ├── LakeError             a Delta apply that cannot proceed (bad part, missing bucket)
+        └── InvalidRequest        an API request that breaks the contract (400)
+            ├── NotFound          no such dataset, run or route (404)
+            └── Conflict          the run has ended: it cannot change (409)
 
 Entry points map the tree to exit codes: ``ConfigError`` is 2 (a usage or
 configuration problem), every other ``WorkerError`` 1.
@@ -120,3 +123,20 @@ class UnsupportedEvent(PermanentError):
 
 class LakeError(PermanentError):
     reason = "lake_error"
+
+
+class InvalidRequest(PermanentError):
+    """An API request the worker refuses; ``status`` is its HTTP status."""
+
+    reason = "invalid_request"
+    status: ClassVar[int] = 400
+
+
+class NotFound(InvalidRequest):
+    reason = "not_found"
+    status = 404
+
+
+class Conflict(InvalidRequest):
+    reason = "conflict"
+    status = 409

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     setup = command("setup")
     setup.add_argument(
-        "what", choices=["firehose-cache"], help="firehose-cache: the dedupe table with TTL"
+        "what",
+        choices=["firehose-cache", "ledger"],
+        help="firehose-cache: the dedupe table with TTL; ledger: the run, file and dataset tables",
     )
 
     lake = command("lake")
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = command("demo")
     demo.add_argument("--rows", type=_positive, default=5_000, help="rows per sample file")
+    from worker.entry import ledger_cli
+
+    ledger_cli.add_commands(commands)
     return parser
 
 
@@ -112,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerError as exc:
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+
     except ModuleNotFoundError as exc:  # an optional extra this install lacks
         print(f"{prog}: error: {_missing_extra(exc)}", file=sys.stderr)
         return 2
@@ -126,7 +132,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if command == "poll":
         return _poll(settings, args)
     if command == "setup":
+        if args.what == "ledger":
+            from worker.entry import ledger_cli
+
+            return _run(ledger_cli.setup(settings))
         return _run(_setup_firehose_cache(settings))
+    if command in ("datasets", "runs", "api"):
+        from worker.entry import ledger_cli
+
+        log.configure(settings.log_level, stream=sys.stderr, fmt=settings.log_format)
+        if command == "api":
+            return _run(ledger_cli.serve(settings, args.port))
+        return _run(ledger_cli.run(settings, args))
     if command == "demo":
         from worker.entry.demo import run_demo
 
@@ -195,11 +212,11 @@ def _poll(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _poll_once(settings: Settings) -> int:
     from worker.core.aws import Clients
-    from worker.loader.pipeline import Loader
+    from worker.entry.runtime import make_loader
     from worker.loader.poller import Poller
 
     async with Clients.from_settings(settings) as clients:
-        loader = Loader(settings, clients)
+        loader = make_loader(settings, clients)
         poller = Poller(
             loader, clients.sqs, settings.poll, concurrency=settings.max_concurrent_objects
         )

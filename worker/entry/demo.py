@@ -7,7 +7,8 @@ what landed. Then the CDC path: a few changes to a table with a stream, the
 stream turned into S3 parts, and the parts applied to a local Delta table,
 read back. It exits 0 only when every table holds exactly its rows, the bad
 message reached the DLQ and the Delta table equals the source; it leaves
-nothing running.
+nothing running. Between the two, the ledger: runs submitted over HTTP to the
+ledger's API, loaded by the poller, ending by themselves (``demo_ledger``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from worker.cdc.buffer import handle_stream_batch, record_from_sdk
 from worker.cdc.lake import apply_changes, read_table
 from worker.core.aws import Clients
 from worker.core.config import Settings
+from worker.entry.demo_ledger import ledger_demo
 from worker.entry.sample import sample_file
 from worker.loader.pipeline import Loader
 from worker.loader.poller import Poller
@@ -110,8 +112,10 @@ async def _demo(settings: Settings, rows: int) -> int:
         await running
         seconds = time.perf_counter() - started
         loaded = await _report(clients, expected, dlq_url, poller, seconds)
+        runs_ok, lines = await ledger_demo(clients, settings, BUCKET, queue_url)
+        _section("ledger runs", *lines, "result: OK" if runs_ok else "result: MISMATCH")
         captured = await _cdc(clients, settings)
-        return loaded or captured
+        return loaded or captured or int(not runs_ok)
 
 
 async def _make_queues(clients: Clients) -> tuple[str, str]:

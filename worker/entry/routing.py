@@ -2,7 +2,8 @@
 
 Routes by event shape: SQS batches go to the loader, DynamoDB Streams batches
 to the streams buffer, Firehose transformation events to the Firehose
-transform; anything else is answered with a clear, structured error (and
+transform, API Gateway HTTP API / function URL requests (payload 2.0) to the
+ledger's API; anything else is answered with a clear, structured error (and
 logged at ERROR), never a crash.
 
 Every route gets the same deadline: the invocation's remaining time less a
@@ -34,6 +35,9 @@ def event_kind(event: Any) -> str:
             return str(records[0].get("eventSource") or "unknown")
         if "deliveryStreamArn" in event and isinstance(event.get("records"), list):
             return "aws:firehose"
+        http = event.get("requestContext", {})
+        if event.get("version") == "2.0" and isinstance(http, dict) and "http" in http:
+            return "http"
     return "unknown"
 
 
@@ -57,6 +61,11 @@ async def route(rt: Runtime, event: Any, kind: str, deadline: float) -> dict[str
         return stream_report.response()
     if kind == "aws:firehose":
         return await (await rt.transformer()).transform(event, deadline=deadline)
+    if kind == "http":
+        from worker.ledger.api import event_response, request_from_event
+
+        status, doc = await (await rt.api()).handle(request_from_event(event))
+        return event_response(status, doc)
     error = UnsupportedEvent(
         f"no route for event source {kind!r}",
         keys=sorted(map(str, event))[:10] if isinstance(event, dict) else type(event).__name__,

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
     from worker.firehose.transform import Transformer
+    from worker.ledger.api import Api
     from worker.loader.pipeline import Loader
 
 T = TypeVar("T")
@@ -38,6 +39,7 @@ class Runtime:
         self._clients: Clients | None = None
         self._loader: Loader | None = None
         self._transformer: Transformer | None = None
+        self._api: Api | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(coroutine)
@@ -52,10 +54,13 @@ class Runtime:
 
     async def loader(self) -> Loader:
         if self._loader is None:
-            from worker.loader.pipeline import Loader
-
-            self._loader = Loader(self.settings, await self.clients())
+            self._loader = make_loader(self.settings, await self.clients())
         return self._loader
+
+    async def api(self) -> Api:
+        if self._api is None:
+            self._api = make_api(self.settings, await self.clients())
+        return self._api
 
     async def transformer(self) -> Transformer:
         if self._transformer is None:
@@ -72,7 +77,35 @@ class Runtime:
 
     def close(self) -> None:
         """Close the clients and the loop; safe to call more than once."""
-        clients, self._clients, self._loader, self._transformer = self._clients, None, None, None
+        clients, self._clients = self._clients, None
+        self._loader, self._transformer, self._api = None, None, None
         if clients is not None:
             self._runner.run(clients.aclose())
         self._runner.close()
+
+
+def make_loader(settings: Settings, clients: Clients) -> Loader:
+    """The loader, reporting to the run ledger when its tables are configured."""
+    from worker.loader.pipeline import Loader
+
+    tracker = None
+    if settings.ledger.enabled:
+        from worker.ledger.store import Store
+        from worker.ledger.tracker import LedgerTracker
+
+        tracker = LedgerTracker(Store(clients.dynamodb, settings.ledger))
+    return Loader(settings, clients, tracker=tracker)
+
+
+def make_api(settings: Settings, clients: Clients) -> Api:
+    """The ledger's API over the container's clients; its settings checked first."""
+    from worker.ledger.api import Api
+    from worker.ledger.runs import Ledger
+    from worker.ledger.store import Store, table_health
+
+    settings.ledger.require(dispatch=True)
+    store = Store(clients.dynamodb, settings.ledger)
+    return Api(
+        Ledger(store, clients.s3, clients.sqs),
+        lambda: table_health(clients.dynamodb, settings.ledger),
+    )

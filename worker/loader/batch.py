@@ -40,7 +40,9 @@ class MessageOutcome:
         return self.error is not None and self.error.retriable
 
 
-async def handle_message(loader: Loader, message_id: str, body: Any) -> MessageOutcome:
+async def handle_message(
+    loader: Loader, message_id: str, body: Any, *, last_attempt: bool = False
+) -> MessageOutcome:
     """Load every object the message names; the outcome fails if any object failed.
 
     It never raises (but for cancellation): a body it cannot read is a
@@ -59,7 +61,7 @@ async def handle_message(loader: Loader, message_id: str, body: Any) -> MessageO
             log.info("message_ignored", reason="names no object to load")
         try:
             for ref in refs:
-                summary = await loader.load(ref)
+                summary = await loader.load(ref, last_attempt=last_attempt)
                 outcome.objects.append(summary)
                 if summary.error is not None and (outcome.error is None or summary.error.retriable):
                     outcome.error = summary.error
@@ -117,7 +119,11 @@ async def _run(
     async def one(record: dict[str, Any]) -> None:
         message_id = record["messageId"]
         try:
-            outcome = await handle_message(loader, message_id, record.get("body", ""))
+            receives = str(record.get("attributes", {}).get("ApproximateReceiveCount", "1"))
+            last = receives.isdigit() and int(receives) >= loader.settings.ledger.max_receives
+            outcome = await handle_message(
+                loader, message_id, record.get("body", ""), last_attempt=last
+            )
         finally:
             slots.release()
         report.outcomes[message_id] = outcome

@@ -1,7 +1,8 @@
 """SQS message body -> the S3 objects it names (ARCHITECTURE.md, "Message formats").
 
 Accepted bodies:
-1. ``{"bucket": ..., "key": ..., "version_id": ...?}``
+1. ``{"bucket": ..., "key": ..., "version_id": ...?, "run_id": ...?, "file_id": ...?}``
+   (a ledger run's message carries its run and file)
 2. an S3 event notification (``Records[].s3``); keys are URL-decoded with
    ``unquote_plus``; ``s3:TestEvent`` names nothing and is acknowledged
 3. an SNS envelope (``Type: Notification``) whose ``Message`` is 1 or 2
@@ -17,6 +18,7 @@ from urllib.parse import unquote_plus
 import orjson
 
 from worker.core.errors import MalformedMessage
+from worker.core.tracking import TrackedFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +26,7 @@ class ObjectRef:
     bucket: str
     key: str
     version_id: str | None = None
+    tracked: TrackedFile | None = None  # the ledger's run and file, when a run sent it
 
     @property
     def uri(self) -> str:
@@ -96,10 +99,15 @@ def _text(value: Any, field: str) -> str:
 
 
 def _plain(doc: dict[str, Any]) -> ObjectRef:
+    run_id = _optional_text(doc.get("run_id"), "run_id")
+    file_id = _optional_text(doc.get("file_id"), "file_id")
+    if (run_id is None) != (file_id is None):
+        raise MalformedMessage("run_id and file_id come together or not at all")
     return ObjectRef(
         _text(doc.get("bucket"), "bucket"),
         _text(doc.get("key"), "key"),
         _optional_text(doc.get("version_id"), "version_id"),
+        None if run_id is None or file_id is None else TrackedFile(run_id, file_id),
     )
 
 

@@ -30,6 +30,7 @@ from worker.core.errors import (
     WorkerError,
 )
 from worker.core.log import elapsed_ms, get_logger
+from worker.core.tracking import FileTracker, LoadedFile, TrackedFile
 from worker.loader.ddb_http import batch_write_client
 from worker.loader.extract import Extractor, Rows
 from worker.loader.items import ConversionStats, ItemBuilder, Origin
@@ -40,7 +41,7 @@ from worker.loader.writer import BatchWriter, WriteStats
 
 log = get_logger(__name__)
 TABLES_AT_ONCE = 2
-Fetched = tuple[Origin, bytes]  # where the rows come from (the id seed), and the bytes
+Fetched = tuple[Origin, bytes, int]  # the rows' origin (the id seed), the bytes, stored size
 
 
 @dataclass(slots=True)
@@ -73,6 +74,9 @@ class ObjectSummary:
     tables: list[TableSummary] = field(default_factory=list)
     ms: int = 0
     error: WorkerError | None = None
+    size: int = 0  # bytes as stored
+    checksum: str = ""  # the version id or ETag
+    skipped_by_ledger: bool = False  # its run was cancelled or ended, or it was done already
 
     @property
     def ok(self) -> bool:
@@ -97,6 +101,7 @@ class Loader:
         *,
         extractor: Extractor | None = None,
         writer: BatchWriter | None = None,
+        tracker: FileTracker | None = None,
     ) -> None:
         self.settings = settings
         self.clients = clients
@@ -107,17 +112,49 @@ class Loader:
         self.registry = TableRegistry(
             clients.dynamodb,
             active_timeout_s=settings.table_active_timeout_s,
-            reserved=frozenset(filter(None, [settings.firehose.cache_table])),
+            reserved=frozenset(
+                filter(None, [settings.firehose.cache_table, *settings.ledger.tables])
+            ),
         )
         self.writer = writer or BatchWriter(
             batch_write_client(clients, settings.write.path), settings.write
         )
         self._limits = Limits(settings.max_object_bytes, settings.max_decoded_bytes)
+        self.tracker = tracker
 
-    async def load(self, ref: ObjectRef) -> ObjectSummary:
-        """Load one S3 object."""
-        with bound_contextvars(bucket=ref.bucket, key=ref.key):
-            return await self._load(ref.uri, lambda: self._fetch_s3(ref))
+    async def load(self, ref: ObjectRef, *, last_attempt: bool = False) -> ObjectSummary:
+        """Load one S3 object; report it to the tracker when a ledger run sent it
+        (``last_attempt``: no redelivery follows, so a failure is final)."""
+        tracked = ref.tracked if self.tracker is not None else None
+        if tracked is None:
+            with bound_contextvars(bucket=ref.bucket, key=ref.key):
+                return await self._load(ref.uri, lambda: self._fetch_s3(ref, None))
+        with bound_contextvars(
+            bucket=ref.bucket, key=ref.key, run_id=tracked.run_id, file_id=tracked.file_id
+        ):
+            return await self._load_tracked(ref, tracked, last_attempt=last_attempt)
+
+    async def _load_tracked(
+        self, ref: ObjectRef, tracked: TrackedFile, *, last_attempt: bool
+    ) -> ObjectSummary:
+        assert self.tracker is not None
+        try:
+            if not await self.tracker.begin(tracked):
+                return ObjectSummary(uri=ref.uri, skipped_by_ledger=True)
+        except WorkerError as exc:
+            return ObjectSummary(uri=ref.uri, error=exc)
+        summary = await self._load(ref.uri, lambda: self._fetch_s3(ref, tracked))
+        try:
+            if summary.error is None:
+                loaded = LoadedFile(summary.rows_written, summary.size, summary.checksum)
+                await self.tracker.finished(tracked, loaded)
+            else:
+                final = last_attempt or not summary.error.retriable
+                await self.tracker.failed(tracked, summary.error, final=final)
+        except WorkerError as exc:  # the ledger did not take it: redeliver and tell it again
+            log.warning("ledger_update_failed", **exc.as_log())
+            summary.error = summary.error or exc
+        return summary
 
     def _check_source(self, ref: ObjectRef) -> None:
         allowed = self.settings.source_buckets
@@ -133,7 +170,8 @@ class Loader:
         summary = ObjectSummary(uri=uri)
         start = time.perf_counter()
         try:
-            source, data = await fetch()
+            source, data, summary.size = await fetch()
+            summary.checksum = source.revision
             tables = await asyncio.to_thread(self._extract, data, time.perf_counter())
             del data  # only the decoded rows from here on: the bytes can go
             await self.write_tables(source, tables, summary)
@@ -143,10 +181,12 @@ class Loader:
         self._log_summary(summary)
         return summary
 
-    async def _fetch_s3(self, ref: ObjectRef) -> Fetched:
+    async def _fetch_s3(self, ref: ObjectRef, tracked: TrackedFile | None) -> Fetched:
         self._check_source(ref)
         start = time.perf_counter()
         obj = await read_object(self.clients.s3, ref, self._limits)
+        if tracked is not None and self.tracker is not None:
+            await self.tracker.fetched(tracked)
         log.info(
             "object_downloaded",
             bytes=obj.stored_bytes,
@@ -154,7 +194,7 @@ class Loader:
             gzipped=obj.gzipped,
             ms=elapsed_ms(start),
         )
-        return Origin(ref.bucket, ref.key, obj.revision, ""), obj.data
+        return Origin(ref.bucket, ref.key, obj.revision, ""), obj.data, obj.stored_bytes
 
     async def _fetch_file(self, path: Path) -> Fetched:
         try:
@@ -165,7 +205,7 @@ class Loader:
             raise CorruptObject("file is empty")
         data, _ = gunzip_if_needed(raw, self._limits)
         revision = hashlib.sha256(raw).hexdigest()[:32]
-        return Origin("file", absolute, revision, ""), data
+        return Origin("file", absolute, revision, ""), data, len(raw)
 
     def _extract(self, data: bytes, start: float) -> Rows:
         tables = self.extractor.extract(data)

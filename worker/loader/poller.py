@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import orjson
 from botocore.exceptions import ClientError
 
 from worker.core.aws import AWS_FAILURES, error_code
@@ -78,6 +79,7 @@ class Poller:
         self._deletes: list[DeleteMessageBatchRequestEntryTypeDef] = []
         self._late_receive: asyncio.Task[list[dict[str, Any]]] | None = None
         self._visibility_s = 30
+        self._max_receives = loader.settings.ledger.max_receives
         self.stats = PollStats()
 
     @property
@@ -97,7 +99,8 @@ class Poller:
         self._stopping.set()
 
     async def run(self) -> PollStats:
-        self._visibility_s = await self._queue_visibility()
+        self._visibility_s, redrive = await self._queue_attributes()
+        self._max_receives = redrive or self._max_receives
         log.info(
             "poller_started",
             queue_url=self._queue,
@@ -119,10 +122,12 @@ class Poller:
             self._log_summary("poller_stopped")
         return self.stats
 
-    async def _queue_visibility(self) -> int:
+    async def _queue_attributes(self) -> tuple[int, int | None]:
+        """The queue's visibility timeout, and the maxReceiveCount of its redrive
+        policy (the receive after which a failed message goes to the DLQ)."""
         try:
-            attributes = await self._sqs.get_queue_attributes(
-                QueueUrl=self._queue, AttributeNames=["VisibilityTimeout"]
+            response = await self._sqs.get_queue_attributes(
+                QueueUrl=self._queue, AttributeNames=["VisibilityTimeout", "RedrivePolicy"]
             )
         except ClientError as exc:
             code = error_code(exc)
@@ -133,7 +138,10 @@ class Poller:
             raise TransientAwsError(f"queue {self._queue}: {code}") from exc
         except AWS_FAILURES as exc:
             raise TransientAwsError(f"queue {self._queue}: {exc!r}") from exc
-        return int(attributes["Attributes"]["VisibilityTimeout"])
+        attributes = response["Attributes"]
+        policy = orjson.loads(attributes.get("RedrivePolicy", "{}"))
+        max_receives = int(policy["maxReceiveCount"]) if "maxReceiveCount" in policy else None
+        return int(attributes["VisibilityTimeout"]), max_receives
 
     async def _receive_until_stopped(self) -> None:
         stopping = asyncio.create_task(self._stopping.wait())
@@ -222,7 +230,12 @@ class Poller:
                 await asyncio.shield(self._set_visibility(message, 0))
                 self.stats.released += 1
                 return False
-            outcome = await handle_message(self._loader, message["MessageId"], message["Body"])
+            outcome = await handle_message(
+                self._loader,
+                message["MessageId"],
+                message["Body"],
+                last_attempt=_receives(message) >= self._max_receives,
+            )
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -236,8 +249,7 @@ class Poller:
             return
         self.stats.failed += 1
         if outcome.retriable:
-            receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
-            delay = self._settings.retry_backoff.delay(receives - 1)
+            delay = self._settings.retry_backoff.delay(_receives(message) - 1)
             await self._set_visibility(message, round(delay))
         # a permanent failure keeps its visibility: the redrive policy takes it to the DLQ
 
@@ -340,6 +352,11 @@ class Poller:
     def touch_health(self) -> None:
         """Refresh this process's liveness stamp, which ``worker health`` reads."""
         self.health_path.write_text(f"{time.time():.0f}\n")
+
+
+def _receives(message: dict[str, Any]) -> int:
+    count = str(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+    return int(count) if count.isdigit() else 1
 
 
 async def _succeeded(task: asyncio.Task[bool]) -> bool:

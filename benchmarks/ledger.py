@@ -1,0 +1,163 @@
+"""The run ledger's costs, against moto in its own process.
+
+    python -m benchmarks.ledger [--files 10000] [--tracked 200]
+
+1. **Registration and dispatch**: a run of ``--files`` files, from ``POST
+   /runs`` to the sealed run (list the prefix, register every file, send every
+   message): files per second, and the share of each step.
+2. **The ledger's overhead on the loader path**: the same ``--tracked`` small
+   files loaded twice by one loader, once as plain messages and once as a
+   run's messages (begin, fetched, the exactly-once transaction, the
+   completion check); the difference per file, in milliseconds. Both passes
+   write the same rows, so the difference is the ledger alone.
+
+moto is not DynamoDB: its per-call latency (a few ms, one CPU) is the unit
+here, so read the figures as calls' worth, not as production latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import boto3
+import orjson
+from structlog.testing import capture_logs
+
+from benchmarks.servers import local_aws_env, moto_process
+from worker.core import log
+from worker.core.aws import Clients
+from worker.core.config import LedgerSettings, Settings
+from worker.entry.runtime import make_api, make_loader
+from worker.entry.sample import sample_file
+from worker.ledger.api import Request
+from worker.ledger.store import setup_tables
+from worker.loader.batch import handle_batch
+
+BUCKET = "ledger-bench"
+
+
+def _records(sqs: Any, queue_url: str) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    while True:
+        got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+        if not got:
+            return records
+        for message in got:
+            records.append(
+                {
+                    "messageId": message["MessageId"],
+                    "body": message["Body"],
+                    "eventSource": "aws:sqs",
+                    "eventSourceARN": "arn:aws:sqs:::q",
+                }
+            )
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+
+
+def _drain(queue_url: str, stop: threading.Event, counts: list[int]) -> None:
+    sqs = boto3.client("sqs")
+    while True:
+        got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10).get("Messages", [])
+        if got:
+            entries = [
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)
+            ]
+            sqs.delete_message_batch(QueueUrl=queue_url, Entries=entries)
+            counts.append(len(got))
+        elif stop.is_set():
+            return
+
+
+async def _load(settings: Settings, records: list[dict[str, Any]]) -> float:
+    async with Clients.from_settings(settings) as clients:
+        loader = make_loader(settings, clients)
+        start = time.perf_counter()
+        report = await handle_batch(loader, records, deadline=time.monotonic() + 3600)
+        seconds = time.perf_counter() - start
+    assert not report.failures, report.failures
+    return seconds
+
+
+async def run(files: int, tracked: int) -> None:
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    s3.create_bucket(Bucket=BUCKET)
+    queue = sqs.create_queue(QueueName="ledger-bench")["QueueUrl"]
+    ledger = LedgerSettings(run_table="b-runs", file_table="b-files", dataset_table="b-datasets",
+                            loader_queue_url=queue)  # fmt: skip
+    settings = dataclasses.replace(Settings.from_env(), schema_prefix="bench", ledger=ledger)
+    data = sample_file(rows=20, tables=1, names=["t"]).SerializeToString()
+    print(f"putting {files:,} + {tracked} objects into moto...", flush=True)
+    for index in range(files):
+        s3.put_object(Bucket=BUCKET, Key=f"big/2026-11-21/f{index:05d}.pb", Body=b"x")
+    for index in range(tracked):
+        s3.put_object(Bucket=BUCKET, Key=f"small/2026-11-21/f{index:05d}.pb", Body=data)
+    async with Clients.from_settings(settings) as clients:
+        await setup_tables(clients.dynamodb, ledger)
+        api = make_api(settings, clients)
+        body = orjson.dumps({"location": f"s3://{BUCKET}/big/{{businessDate}}/"})
+        await api.handle(Request("PUT", "/datasets/big", body=body))
+        # moto's SQS walks every message of a queue on each send: keep the queue short
+        # (as the loaders would), or the figure is moto's quadratic cost, not ours
+        draining = threading.Event()
+        drained: list[int] = []
+        drainer = threading.Thread(target=_drain, args=(queue, draining, drained))
+        drainer.start()
+        start = time.perf_counter()
+        run_body = orjson.dumps({"datasetName": "big", "businessDate": "2026-11-21"})
+        with capture_logs() as entries:
+            status, created = await api.handle(Request("POST", "/runs", body=run_body))
+        seconds = time.perf_counter() - start
+        draining.set()
+        drainer.join()
+    assert status == 201 and created["resolvedFiles"] == files, created
+    assert sum(drained) == files, (sum(drained), files)  # one message per file, no more
+    (phases,) = [e for e in entries if e["event"] == "ledger_run_dispatched"]
+    print(f"registration + dispatch: {files:,} files in {seconds:.1f} s = "
+          f"{files / seconds:,.0f} files/s; list {phases['resolve_ms']:,} ms, "
+          f"register {phases['register_ms']:,} ms ({files * 1000 / phases['register_ms']:,.0f} "
+          f"files/s), send {phases['send_ms']:,} ms "
+          f"({files * 1000 / phases['send_ms']:,.0f} files/s)")  # fmt: skip
+
+    plain = [{"messageId": f"p{i}", "body": orjson.dumps({"bucket": BUCKET,
+              "key": f"small/2026-11-21/f{i:05d}.pb"}).decode(), "eventSource": "aws:sqs",
+              "eventSourceARN": "arn:aws:sqs:::q"} for i in range(tracked)]  # fmt: skip
+    untracked = dataclasses.replace(settings, ledger=LedgerSettings())
+    await _load(untracked, plain)  # tables created, caches warm: both passes start equal
+    without = await _load(untracked, plain)
+    # fresh ledger tables: moto copies every table on each transaction, so the
+    # big run's rows would weigh on it (DynamoDB's cost does not grow with size)
+    small = dataclasses.replace(
+        ledger, run_table="s-runs", file_table="s-files", dataset_table="s-datasets"
+    )
+    settings = dataclasses.replace(settings, ledger=small)
+    async with Clients.from_settings(settings) as clients:
+        await setup_tables(clients.dynamodb, small)
+        api = make_api(settings, clients)
+        body = orjson.dumps({"location": f"s3://{BUCKET}/small/{{businessDate}}/"})
+        await api.handle(Request("PUT", "/datasets/small", body=body))
+        body = orjson.dumps({"datasetName": "small", "businessDate": "2026-11-21"})
+        await api.handle(Request("POST", "/runs", body=body))
+    with_ledger = await _load(settings, _records(sqs, queue))
+    per_file = (with_ledger - without) * 1000 / tracked
+    print(f"loader path, {tracked} files of 20 rows: {without * 1000 / tracked:.1f} ms/file "
+          f"without the ledger, {with_ledger * 1000 / tracked:.1f} ms/file with it: "
+          f"ledger overhead {per_file:.1f} ms/file ({with_ledger / without:.2f}x)")  # fmt: skip
+
+
+def main() -> None:
+    log.configure("WARNING")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=10_000)
+    parser.add_argument("--tracked", type=int, default=200)
+    args = parser.parse_args()
+    with moto_process() as moto, local_aws_env(moto):
+        asyncio.run(run(args.files, args.tracked))
+
+
+if __name__ == "__main__":
+    main()

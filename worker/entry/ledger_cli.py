@@ -1,0 +1,162 @@
+"""The ledger's commands: ``setup ledger``, ``datasets``, ``runs`` and ``api``.
+
+They call the same operations as the HTTP API; a request the API would answer
+400, 404 or 409 is one line on stderr and exit 2 (a bad argument) or 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from worker.core.config import Settings
+
+if TYPE_CHECKING:
+    from worker.ledger.runs import Ledger
+
+RUN_STATUSES = ("pending", "dispatched", "processing", "success", "failed", "cancelled")
+
+COMMANDS = {
+    "datasets": "register where a dataset's files live",
+    "runs": "submit, inspect, list and cancel dataset runs",
+    "api": "serve the ledger's HTTP API on 127.0.0.1 (the Lambda's routes, for local use)",
+}
+
+
+def add_commands(commands: Any) -> None:
+    """The ledger's sub-commands, on the ``worker`` parser's sub-parsers."""
+
+    def command(parent: Any, name: str, what: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = parent.add_parser(name, help=what, description=what)
+        return parser
+
+    datasets = command(commands, "datasets", COMMANDS["datasets"])
+    sub = datasets.add_subparsers(
+        dest="datasets_command", required=True, parser_class=type(datasets)
+    )
+    put = command(sub, "put", "create or replace a dataset")
+    put.add_argument("name", help="the dataset's name")
+    put.add_argument(
+        "location", help="s3:// template, e.g. s3://b/raw/{datasetName}/{businessDate}/"
+    )
+    put.add_argument("--suffix", help="only keys ending with it are files of the dataset")
+
+    runs = command(commands, "runs", COMMANDS["runs"])
+    sub = runs.add_subparsers(dest="runs_command", required=True, parser_class=type(runs))
+    submit = command(sub, "submit", "start a run: resolve the files, send them to the loader")
+    submit.add_argument("dataset", help="the dataset's name")
+    submit.add_argument("date", help="the business date, YYYY-MM-DD")
+    submit.add_argument("--idempotency-key", help="the same key returns the first run")
+    show = command(sub, "show", "a run's counters, and its files by status")
+    show.add_argument("run_id")
+    listing = command(sub, "list", "runs of a dataset and date, or runs in a status")
+    listing.add_argument("--dataset", help="with --date")
+    listing.add_argument("--date", help="with --dataset")
+    listing.add_argument("--status", choices=RUN_STATUSES)
+    cancel = command(sub, "cancel", "cancel a run: its remaining files are not loaded")
+    cancel.add_argument("run_id")
+
+    api = command(commands, "api", COMMANDS["api"])
+    api.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
+
+
+async def setup(settings: Settings) -> int:
+    from worker.core.aws import Clients
+    from worker.ledger.store import setup_tables
+
+    settings.ledger.require()
+    async with Clients.from_settings(settings) as clients:
+        outcome = await setup_tables(clients.dynamodb, settings.ledger)
+    for name, what in outcome.items():
+        print(f"{name}: {what}")
+    return 0
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> int:
+    """``datasets ...`` and ``runs ...``; a value the ledger's models refuse is one
+    line naming it, and exit 2."""
+    from pydantic import ValidationError
+
+    from worker.core.aws import Clients
+    from worker.ledger.models import DatasetIn
+    from worker.ledger.runs import Ledger
+    from worker.ledger.store import Store
+
+    settings.ledger.require(dispatch=args.command == "runs" and args.runs_command == "submit")
+    async with Clients.from_settings(settings) as clients:
+        ledger = Ledger(Store(clients.dynamodb, settings.ledger), clients.s3, clients.sqs)
+        try:
+            if args.command == "datasets":
+                dataset = DatasetIn(location=args.location, suffix=args.suffix)
+                _print(await ledger.put_dataset(args.name, dataset))
+                return 0
+            return await _runs(ledger, args)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "value"
+            print(f"worker {args.command}: error: {where}: {first['msg']}", file=sys.stderr)
+            return 2
+
+
+async def _runs(ledger: Ledger, args: argparse.Namespace) -> int:
+    from worker.ledger.models import FileStatus, RunIn, RunStatus
+
+    what = args.runs_command
+    if what == "submit":
+        request = RunIn.model_validate({"datasetName": args.dataset, "businessDate": args.date})
+        submitted = await ledger.submit(request, args.idempotency_key)
+        _print({k: submitted.run[k] for k in ("runId", "status", "resolvedFiles")})
+    elif what == "show":
+        run = await ledger.run(args.run_id)
+        counts: Counter[str] = Counter()
+        token = None
+        while True:
+            page = await ledger.files_of(args.run_id, None, limit=100, token=token)
+            counts.update(f["status"] for f in page.items)
+            if not (token := page.nextToken):
+                break
+        _print({**run, "files": {s.value: counts[s.value] for s in FileStatus}})
+    elif what == "list":
+        if args.status:
+            page = await ledger.runs_in(RunStatus(args.status), limit=100, token=None)
+        elif args.dataset and args.date:
+            page = await ledger.runs_of(args.dataset, args.date, limit=100, token=None)
+        else:
+            print(
+                "worker runs list: error: give --dataset and --date, or --status", file=sys.stderr
+            )
+            return 2
+        for item in page.items:
+            print(orjson.dumps(item).decode())
+    else:
+        _print(await ledger.cancel(args.run_id))
+    return 0
+
+
+async def serve(settings: Settings, port: int) -> int:
+    from worker.core.aws import Clients
+    from worker.entry.runtime import make_api
+    from worker.ledger.api import serve as serve_http
+
+    async with Clients.from_settings(settings) as clients:
+        runner = await serve_http(make_api(settings, clients), port)
+        print(f"ledger API on http://127.0.0.1:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+    return 0
+
+
+def _print(doc: dict[str, Any]) -> None:
+    print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
