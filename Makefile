@@ -27,11 +27,17 @@ $(BIN)/.installed-demo: pyproject.toml uv.lock | $(UV)
 
 install: $(BIN)/.installed
 
+CHECKOV := checkov==3.2.459
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/cfn-lint deploy/template.yaml
+	# checkov in a tool environment of its own: its pins would drag the project's down
+	$(UV) tool run --python $(PYTHON) --from $(CHECKOV) checkov --quiet --compact --skip-download \
+		--framework cloudformation -f deploy/template.yaml 2>/dev/null
 
 test: lint
 	$(BIN)/pytest

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import threading
 import time
 from typing import Any
@@ -150,7 +151,7 @@ async def run(files: int, tracked: int) -> None:
 
 
 def main() -> None:
-    log.configure("WARNING")
+    log.configure("INFO", stream=open(os.devnull, "w"))  # noqa: SIM115 - for the process's life
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--tracked", type=int, default=200)

@@ -1,0 +1,239 @@
+"""Least privilege, proven: every AWS call each component makes is granted to its role in
+deploy/template.yaml, and every grant is used (issue: deployment as code).
+
+Each component runs here as it runs in AWS (the Lambda routes through the real
+handler, the ECS poller through ``Poller``), against moto, while every call is
+recorded: the SDK's through ``AioBaseClient._make_api_call``, the fast
+BatchWriteItem path through ``DynamoDBHttp.batch_write_item``. Each call is
+mapped to its IAM action and checked against the role of the component that
+made it. Grants that only AWS services use (an event source mapping reading a
+queue or stream, an on-failure destination, Firehose itself) are named by
+their statement ids and left out of the "every grant is used" half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+import orjson
+import pytest
+from aiobotocore.client import AioBaseClient
+
+from tests import factories as f
+from tests.conftest import BUCKET
+from tests.test_deploy import expand
+from worker.core.config import (
+    FirehoseSettings,
+    LedgerSettings,
+    PollSettings,
+    Settings,
+    StreamSettings,
+)
+from worker.entry.runtime import make_loader
+from worker.ledger.store import setup_tables
+from worker.loader.ddb_http import DynamoDBHttp
+from worker.loader.poller import Poller
+
+ROLE: contextvars.ContextVar[str] = contextvars.ContextVar("role", default="unattributed")
+RAW = "raw-parts"
+SERVICE_SIDS = {"ConsumeQueue", "ReadStream", "OnFailure"}  # used by AWS on the role's behalf
+ROLES = ("LoaderFunctionRole", "LoaderTaskRole", "ApiFunctionRole", "StreamsFunctionRole",
+         "FirehoseTransformRole")  # fmt: skip
+
+
+def iam_actions(service: str, operation: str, params: dict[str, Any]) -> set[str]:
+    """The IAM actions one API call needs."""
+    if service == "s3":
+        if operation == "GetObject":
+            return {"s3:GetObjectVersion" if params.get("VersionId") else "s3:GetObject"}
+        return {"s3:ListBucket" if operation == "ListObjectsV2" else f"s3:{operation}"}
+    if service == "dynamodb" and operation == "TransactWriteItems":  # no action of its own
+        kinds = {next(iter(item)) for item in params["TransactItems"]}
+        return {f"dynamodb:{kind}Item" for kind in kinds}
+    if service == "sqs":
+        return {f"sqs:{operation.removesuffix('Batch')}"}
+    return {f"{service}:{operation}"}
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, set[str]]]:
+    """IAM actions used, per role, while the test runs."""
+    used: dict[str, set[str]] = defaultdict(set)
+    sdk_call = AioBaseClient._make_api_call  # type: ignore[attr-defined]
+    fast_call = DynamoDBHttp.batch_write_item
+
+    async def record_sdk(self: AioBaseClient, operation: str, params: dict[str, Any]) -> Any:
+        used[ROLE.get()] |= iam_actions(self.meta.service_model.service_name, operation, params)
+        return await sdk_call(self, operation, params)
+
+    async def record_fast(self: DynamoDBHttp, *, RequestItems: Any) -> Any:  # noqa: N803
+        used[ROLE.get()].add("dynamodb:BatchWriteItem")
+        return await fast_call(self, RequestItems=RequestItems)
+
+    monkeypatch.setattr(AioBaseClient, "_make_api_call", record_sdk)
+    monkeypatch.setattr(DynamoDBHttp, "batch_write_item", record_fast)
+    yield used
+
+
+def granted(template: dict[str, Any], role: str) -> tuple[set[str], set[str]]:
+    """A role's actions: those the code may use, and those only AWS services use."""
+    mine: set[str] = set()
+    services: set[str] = set()
+    for policy in template["Resources"][role]["Properties"].get("Policies", []):
+        for statement in policy["PolicyDocument"]["Statement"]:
+            actions = (
+                statement["Action"]
+                if isinstance(statement["Action"], list)
+                else [statement["Action"]]
+            )
+            (services if statement.get("Sid") in SERVICE_SIDS else mine).update(actions)
+    return mine, services
+
+
+def http_event(method: str, path: str, body: Any = None, **query: str) -> dict[str, Any]:
+    return {
+        "version": "2.0",
+        "rawPath": path,
+        "requestContext": {"http": {"method": method, "path": path}},
+        "queryStringParameters": query,
+        "headers": {},
+        "body": None if body is None else orjson.dumps(body).decode(),
+    }
+
+
+def sqs_records(queue_url: str, count: int) -> list[dict[str, Any]]:
+    sqs = boto3.client("sqs")
+    got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=count)["Messages"]
+    for message in got:
+        sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+    return [f.sqs_record(m["Body"], m["MessageId"]) for m in got]
+
+
+def test_every_call_is_granted_to_its_role_and_every_grant_is_used(
+    moto: str,
+    calls: dict[str, set[str]],
+    install_runtime: Callable[[Settings], Any],
+    prefix: str,
+    tmp_path: Any,
+) -> None:
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    s3.create_bucket(Bucket=BUCKET)
+    s3.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    s3.create_bucket(Bucket=RAW)
+    queue = sqs.create_queue(QueueName=f"{prefix}-loads")["QueueUrl"]
+    for day, tables in (("2026-11-21", ["a"]), ("2026-11-22", ["a", "b"]), ("2026-11-23", ["b"])):
+        data = f.output_file(
+            *[(t, ["id"], [[f"{day}-{t}"]]) for t in tables], file_id=f"{prefix}-{day}"
+        )
+        s3.put_object(Bucket=BUCKET, Key=f"raw/{day}/f.pb", Body=data)
+    # file ids of their own: tests.plugins:fail_once remembers ids for the whole session
+    data = f.output_file(("a", ["id"], [["v"]]), file_id=f"{prefix}-versioned")
+    versioned = s3.put_object(Bucket=BUCKET, Key="v.pb", Body=data)
+    ledger = LedgerSettings(run_table=f"{prefix}-runs", file_table=f"{prefix}-files",
+                            dataset_table=f"{prefix}-datasets", loader_queue_url=queue)  # fmt: skip
+    cache = f"{prefix}-cache"
+    settings = Settings(
+        schema_prefix=prefix, source_buckets=(BUCKET,), ledger=ledger,
+        streams=StreamSettings(bucket=RAW), firehose=FirehoseSettings(cache_table=cache),
+        poll=PollSettings(queue_url=queue, wait_s=1, retry_delay_s=0,
+                          health_file=str(tmp_path / "hb")),
+    )  # fmt: skip
+    ROLE.set("setup")  # what CloudFormation creates in AWS; `worker setup` here
+    asyncio.run(_setup(ledger, cache))
+    context = f.LambdaContext()
+
+    def submit(day: str) -> dict[str, Any]:
+        ROLE.set("ApiFunctionRole")  # a runtime keeps the context of its first event:
+        api = install_runtime(settings)  # each phase gets a runtime of its own
+        body = {"datasetName": "d", "businessDate": day}
+        return dict(orjson.loads(api(http_event("POST", "/runs", body), context)["body"]))
+
+    # the API (ApiFunctionRole): a dataset, a run, listings, health, a refused cancel
+    ROLE.set("ApiFunctionRole")
+    api = install_runtime(settings)
+    location = {"location": f"s3://{BUCKET}/raw/{{businessDate}}/"}
+    assert api(http_event("PUT", "/datasets/d", location), context)["statusCode"] == 200
+    assert api(http_event("GET", "/runs", status="dispatched"), context)["statusCode"] == 200
+    assert api(http_event("GET", "/health"), context)["statusCode"] == 200
+    assert submit("2026-11-21")["resolvedFiles"] == 1
+    empty = submit("2026-11-24")  # no files: it ends at once, and cannot be cancelled
+    assert api(http_event("POST", f"/runs/{empty['runId']}/cancel"), context)["statusCode"] == 409
+
+    # the loader as Lambda (LoaderFunctionRole): the run's file makes table a; an
+    # object named by its version
+    ROLE.set("LoaderFunctionRole")
+    loader = install_runtime(settings)
+    by_version = f.sqs_record(
+        {"bucket": BUCKET, "key": "v.pb", "version_id": versioned["VersionId"]}
+    )
+    event = f.sqs_event(*sqs_records(queue, 1), by_version)
+    assert loader(event, context) == {"batchItemFailures": []}
+
+    # the loader on ECS (LoaderTaskRole): table a, made by another process, is read for
+    # its tag; table b is new; one retryable failure comes first
+    submit("2026-11-22")
+    sqs.send_message(QueueUrl=queue, MessageBody=by_version["body"])
+    ROLE.set("LoaderTaskRole")
+    flaky = dataclasses.replace(settings, table_extract="tests.plugins:fail_once")
+    stats = asyncio.run(_poll(flaky, until_deleted=2))
+    assert stats.deleted == 2 and stats.failed >= 1
+
+    # the Lambda loader again, in a new container: table b is read for its tag
+    submit("2026-11-23")
+    ROLE.set("LoaderFunctionRole")
+    loader = install_runtime(settings)
+    assert loader(f.sqs_event(*sqs_records(queue, 1)), context) == {"batchItemFailures": []}
+
+    # the streams buffer (StreamsFunctionRole)
+    ROLE.set("StreamsFunctionRole")
+    streams = install_runtime(settings)
+    event = {"Records": [f.stream_record(1, new={"v": {"N": "1"}})]}
+    assert streams(event, context) == {"batchItemFailures": []}
+
+    # the Firehose transform (FirehoseTransformRole): claims, and a batch over 6 MB
+    # whose last records give their claims back
+    ROLE.set("FirehoseTransformRole")
+    transform = install_runtime(settings)
+    big = "x" * 1_000_000
+    docs = [{"event_uuid": str(i), "event_name": "a.b", "created_at": 1_700_000_000, "pad": big}
+            for i in range(7)]  # fmt: skip
+    records = [f.firehose_record(doc) for doc in docs]
+    out = transform(f.firehose_event(*records), context)
+    assert [r["result"] for r in out["records"]].count("ProcessingFailed") >= 1
+
+    template = expand()
+    assert set(calls) <= {"setup", *ROLES}, set(calls) - set(ROLES)  # nothing unattributed
+    for role in ROLES:
+        mine, services = granted(template, role)
+        assert calls[role] <= mine, f"{role} calls what it is not granted: {calls[role] - mine}"
+        assert mine <= calls[role], f"{role} is granted what it never calls: {mine - calls[role]}"
+        assert not services & calls[role], role
+
+
+async def _setup(ledger: LedgerSettings, cache: str) -> None:
+    from worker.core.aws import Clients
+    from worker.firehose.transform import setup_cache_table
+
+    async with Clients(max_in_flight=2) as clients:
+        await setup_tables(clients.dynamodb, ledger)
+        await setup_cache_table(clients.dynamodb, cache)
+
+
+async def _poll(settings: Settings, *, until_deleted: int) -> Any:
+    from worker.core.aws import Clients
+
+    async with Clients(max_in_flight=2) as clients:
+        poller = Poller(make_loader(settings, clients), clients.sqs, settings.poll, concurrency=1)
+        running = asyncio.create_task(poller.run())
+        for _ in range(300):
+            if poller.stats.deleted >= until_deleted or running.done():
+                break
+            await asyncio.sleep(0.1)
+        poller.stop()
+        return await running
