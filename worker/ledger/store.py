@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
 
 log = get_logger(__name__)
+T = TypeVar("T")
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
 S = "S"
@@ -143,6 +145,19 @@ def decode_token(token: str | None) -> dict[str, Any] | None:
     return doc
 
 
+async def _guarded(table: str, operation: str, call: Awaitable[T]) -> T | None:
+    """Await one call: None when its condition did not hold; any failure of AWS is
+    a ``TransientAwsError`` naming the table and the operation."""
+    try:
+        return await call
+    except ClientError as exc:
+        if error_code(exc) == "ConditionalCheckFailedException":
+            return None
+        raise TransientAwsError(f"{table}: {operation} failed: {error_code(exc)}") from exc
+    except AWS_FAILURES as exc:
+        raise TransientAwsError(f"{table}: {operation} failed: {exc!r}") from exc
+
+
 class Store:
     """Reads and writes of the ledger tables; AWS failures become ``TransientAwsError``."""
 
@@ -151,13 +166,9 @@ class Store:
         self.settings = settings
 
     async def get(self, table: str, key: str, value: str) -> dict[str, Any] | None:
-        try:
-            response = await self.client.get_item(
-                TableName=table, Key={key: {S: value}}, ConsistentRead=True
-            )
-        except AWS_FAILURES as exc:
-            raise TransientAwsError(f"{table}: GetItem failed: {exc!r}", table=table) from exc
-        item = response.get("Item")
+        call = self.client.get_item(TableName=table, Key={key: {S: value}}, ConsistentRead=True)
+        response = await _guarded(table, "GetItem", call)
+        item = None if response is None else response.get("Item")
         return None if item is None else from_wire(item)
 
     async def put(self, table: str, doc: dict[str, Any], *, condition: str | None = None) -> bool:
@@ -165,15 +176,7 @@ class Store:
         args: dict[str, Any] = {"TableName": table, "Item": to_wire(doc)}
         if condition:
             args["ConditionExpression"] = condition
-        try:
-            await self.client.put_item(**args)
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return False
-            raise TransientAwsError(f"{table}: PutItem failed: {error_code(exc)}") from exc
-        except AWS_FAILURES as exc:
-            raise TransientAwsError(f"{table}: PutItem failed: {exc!r}") from exc
-        return True
+        return await _guarded(table, "PutItem", self.client.put_item(**args)) is not None
 
     async def update(
         self,
@@ -185,23 +188,17 @@ class Store:
         condition: str,
     ) -> dict[str, Any] | None:
         """A guarded UpdateItem; the new item, or None when ``condition`` did not hold."""
-        try:
-            response = await self.client.update_item(
-                TableName=table,
-                Key={k: {S: v} for k, v in key.items()},
-                UpdateExpression=expression,
-                ConditionExpression=condition,
-                ExpressionAttributeNames=attribute_names(expression, condition),
-                ExpressionAttributeValues=to_wire(values),
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
-                return None
-            raise TransientAwsError(f"{table}: UpdateItem failed: {error_code(exc)}") from exc
-        except AWS_FAILURES as exc:
-            raise TransientAwsError(f"{table}: UpdateItem failed: {exc!r}") from exc
-        return from_wire(response["Attributes"])
+        call = self.client.update_item(
+            TableName=table,
+            Key={k: {S: v} for k, v in key.items()},
+            UpdateExpression=expression,
+            ConditionExpression=condition,
+            ExpressionAttributeNames=attribute_names(expression, condition),
+            ExpressionAttributeValues=to_wire(values),
+            ReturnValues="ALL_NEW",
+        )
+        response = await _guarded(table, "UpdateItem", call)
+        return None if response is None else from_wire(response["Attributes"])
 
     async def query(
         self,
