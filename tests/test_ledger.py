@@ -335,6 +335,7 @@ async def test_every_route_answers_its_happy_path(call: Call, s3: Any) -> None:
         ("PUT", "/datasets/sales", {"location": "https://x/y"}, {}, 400, INVALID, "location"),
         ("PUT", "/datasets/sales", {"location": "s3://b/{oops}/"}, {}, 400, INVALID, "location"),
         ("GET", "/datasets/nosuch", None, {}, 404, "not_found", None),
+        ("PUT", "/datasets/no%20spaces", {"location": "s3://b/x/"}, {}, 400, INVALID, None),
         ("GET", "/runs/nosuch", None, {}, 404, "not_found", None),
         ("GET", "/runs/nosuch/files", None, {}, 404, "not_found", None),
         ("POST", "/runs/nosuch/cancel", None, {}, 404, "not_found", None),
@@ -456,6 +457,7 @@ def test_the_cli_sets_up_submits_shows_and_refuses_in_one_line(
     one_line_error(worker("runs", "submit", DATASET, "2026-13-01", env=env), 2, "businessDate")
     one_line_error(worker("runs", "show", "nosuch", env=env), 1, "no run 'nosuch'")
     one_line_error(worker("runs", "list", env=env), 2, "--status")
+    one_line_error(worker("datasets", "put", "no spaces", location, env=env), 2, "pattern")
     assert worker("runs", "cancel", run["runId"], env=env).returncode == 0
     one_line_error(worker("runs", "cancel", run["runId"], env=env), 1, "has ended")
     one_line_error(worker("setup", "ledger"), 2, "RUN_TABLE_NAME")

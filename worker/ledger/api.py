@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from worker.core.errors import InvalidRequest, NotFound, WorkerError
 from worker.core.log import get_logger
-from worker.ledger.models import DatasetIn, DatasetName, FileStatus, RunIn, RunStatus
+from worker.ledger.models import DATASET_NAMES, DatasetIn, FileStatus, RunIn, RunStatus
 from worker.ledger.runs import Ledger
 
 log = get_logger(__name__)
@@ -48,7 +48,6 @@ class _MethodNotAllowed(InvalidRequest):
     status = 405
 
 
-_names: TypeAdapter[str] = TypeAdapter(DatasetName)
 _dates: TypeAdapter[date] = TypeAdapter(date)
 
 
@@ -101,7 +100,7 @@ class Api:
 
     async def _put_dataset(self, request: Request, name: str) -> Response:
         dataset = DatasetIn.model_validate(_json(request))
-        return 200, await self._ledger.put_dataset(_names.validate_python(name), dataset)
+        return 200, await self._ledger.put_dataset(name, dataset)
 
     async def _get_dataset(self, _request: Request, name: str) -> Response:
         dataset = await self._ledger.dataset(name)
@@ -130,7 +129,7 @@ class Api:
             )
         elif "datasetName" in query and "businessDate" in query:
             page = await self._ledger.runs_of(
-                _names.validate_python(query["datasetName"]),
+                DATASET_NAMES.validate_python(query["datasetName"]),
                 _dates.validate_python(query["businessDate"]).isoformat(),
                 limit=limit,
                 token=token,

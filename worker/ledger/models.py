@@ -12,11 +12,14 @@ from datetime import date
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
 
 DatasetName = Annotated[
     str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
 ]
+
+
+DATASET_NAMES: TypeAdapter[str] = TypeAdapter(DatasetName)
 
 
 class RunStatus(StrEnum):

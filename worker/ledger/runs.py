@@ -29,7 +29,16 @@ from worker.core.aws import AWS_FAILURES, THROTTLING_CODES, error_code, is_serve
 from worker.core.backoff import Backoff
 from worker.core.errors import Conflict, NotFound, TransientAwsError, WorkerError
 from worker.core.log import get_logger
-from worker.ledger.models import OPEN_RUN, DatasetIn, FileStatus, Page, RunIn, RunStatus, file_id
+from worker.ledger.models import (
+    DATASET_NAMES,
+    OPEN_RUN,
+    DatasetIn,
+    FileStatus,
+    Page,
+    RunIn,
+    RunStatus,
+    file_id,
+)
 from worker.ledger.store import Store, now_iso, to_wire
 from worker.ledger.tracker import complete_if_done
 
@@ -68,6 +77,8 @@ class Ledger:
     # --- datasets ---------------------------------------------------------------------
 
     async def put_dataset(self, name: str, dataset: DatasetIn) -> dict[str, Any]:
+        """Create or replace a dataset; a name the model refuses is a ValidationError."""
+        name = DATASET_NAMES.validate_python(name)
         doc = {"datasetName": name, **dataset.model_dump(exclude_none=True), "updatedAt": now_iso()}
         await self.store.put(self._settings.dataset_table, doc)
         return doc
