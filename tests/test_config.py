@@ -55,6 +55,8 @@ def test_every_variable_is_read() -> None:
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"MAX_TABLES_PER_FILE": "0"}, "MAX_TABLES_PER_FILE"),
         ({"WRITE_BACKOFF_CAP_MS": "x"}, "WRITE_BACKOFF_CAP_MS"),
+        ({"ENVIRONMENT": "dev"}, "ENVIRONMENT='dev' must be one of staging, prod"),
+        ({"LOADER_MAX_RECEIVES": "0"}, "LOADER_MAX_RECEIVES"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ],
 )
@@ -66,3 +68,16 @@ def test_a_bad_value_is_refused_with_its_name(env: dict[str, str], says: str) ->
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         Settings().schema_prefix = "x"  # type: ignore[misc]
+
+
+def test_the_ledger_settings_are_read_and_required_by_name() -> None:
+    env = {"RUN_TABLE_NAME": "r", "FILE_TABLE_NAME": "f", "ENVIRONMENT": "PROD"}
+    ledger = Settings.from_env(env).ledger
+    assert (ledger.run_table, ledger.file_table, ledger.environment) == ("r", "f", "prod")
+    assert ledger.enabled and ledger.tables == ("r", "f")
+    with pytest.raises(ConfigError, match="DATASET_TABLE_NAME"):
+        ledger.require()
+    complete = dataclasses.replace(ledger, dataset_table="d")
+    complete.require()
+    with pytest.raises(ConfigError, match="LOADER_QUEUE_URL"):
+        complete.require(dispatch=True)
