@@ -26,7 +26,6 @@ LogFormat = Literal["auto", "json", "console"]
 
 MiB = 1024 * 1024
 SQS_MAX_WAIT_S = 20  # ReceiveMessage's WaitTimeSeconds is 0..20
-SQS_MAX_VISIBILITY_S = 12 * 3600
 WRITE_BACKOFF = Backoff(base_s=0.05, cap_s=10.0, attempts=10)
 CLAIM_BACKOFF = Backoff(base_s=0.05, cap_s=2.0, attempts=6)
 
