@@ -39,7 +39,7 @@ from worker.ledger.models import (
     RunStatus,
     file_id,
 )
-from worker.ledger.store import Store, now_iso, to_wire
+from worker.ledger.store import Store, now_iso, status_in, to_wire
 from worker.ledger.tracker import complete_if_done
 
 if TYPE_CHECKING:
@@ -136,18 +136,19 @@ class Ledger:
                 raise
 
     async def _abandon(self, run_id: str, error: WorkerError) -> None:
-        values = {
-            ":pending": RunStatus.PENDING.value,
-            ":failed": RunStatus.FAILED.value,
-            ":error": {"reason": "dispatch_failed", "message": error.message[:1000]},
-            ":now": now_iso(),
-        }
-        await self.store.update(
+        detail = {"reason": "dispatch_failed", "message": error.message[:1000]}
+        await self._fail_pending(run_id, detail)
+        log.error("ledger_dispatch_failed", **error.as_log())
+
+    async def _fail_pending(self, run_id: str, error: dict[str, Any]) -> dict[str, Any] | None:
+        """End a run that was never sealed as ``failed``, with ``error``."""
+        values = {":pending": RunStatus.PENDING.value, ":failed": RunStatus.FAILED.value,
+                  ":error": error, ":now": now_iso()}  # fmt: skip
+        return await self.store.update(
             self._settings.run_table, {"runId": run_id},
             "SET #s = :failed, #e = :error, updatedAt = :now", values,
             condition="#s = :pending",
         )  # fmt: skip
-        log.error("ledger_dispatch_failed", **error.as_log())
 
     async def _dispatch(self, run: dict[str, Any], dataset: DatasetIn) -> dict[str, Any]:
         started = time.perf_counter()
@@ -264,28 +265,26 @@ class Ledger:
                 await asyncio.sleep(RETRIES.delay(tries))
 
     async def _seal(self, run_id: str, resolved: int) -> dict[str, Any]:
-        values: dict[str, Any] = {":pending": RunStatus.PENDING.value, ":now": now_iso()}
         if resolved:
-            values |= {":to": RunStatus.DISPATCHED.value, ":n": resolved}
-            expression = "SET #s = :to, resolvedFiles = :n, updatedAt = :now"
+            values = {":to": RunStatus.DISPATCHED.value, ":n": resolved, ":now": now_iso(),
+                      ":pending": RunStatus.PENDING.value}  # fmt: skip
+            sealed = await self.store.update(
+                self._settings.run_table, {"runId": run_id},
+                "SET #s = :to, resolvedFiles = :n, updatedAt = :now", values,
+                condition="#s = :pending",
+            )  # fmt: skip
         else:
-            values |= {":to": RunStatus.FAILED.value, ":error": {"reason": "no_files"}}
-            expression = "SET #s = :to, #e = :error, updatedAt = :now"
-        sealed = await self.store.update(
-            self._settings.run_table, {"runId": run_id}, expression, values,
-            condition="#s = :pending",
-        )  # fmt: skip
+            sealed = await self._fail_pending(run_id, {"reason": "no_files"})
         log.info("ledger_run_sealed", resolved_files=resolved, sealed=sealed is not None)
         return await complete_if_done(self.store, run_id) or await self.run(run_id)
 
     async def cancel(self, run_id: str) -> dict[str, Any]:
-        values = {":cancelled": RunStatus.CANCELLED.value, ":now": now_iso()}
-        values |= {f":open{i}": s.value for i, s in enumerate(OPEN_RUN)}
-        open_run = " OR ".join(f"#s = :open{i}" for i in range(len(OPEN_RUN)))
+        open_run, open_values = status_in("open", OPEN_RUN)
+        values = {":cancelled": RunStatus.CANCELLED.value, ":now": now_iso(), **open_values}
         cancelled = await self.store.update(
             self._settings.run_table, {"runId": run_id},
             "SET #s = :cancelled, updatedAt = :now", values,
-            condition=f"attribute_exists(runId) AND ({open_run})",
+            condition=f"attribute_exists(runId) AND {open_run}",
         )  # fmt: skip
         if cancelled is None:
             run = await self.run(run_id)  # NotFound when there is none

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -115,6 +115,12 @@ def table_specs(settings: LedgerSettings) -> dict[str, dict[str, Any]]:
             "KeySchema": key("datasetName"),
         },
     }
+
+
+def status_in(name: str, statuses: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """A condition that ``status`` is one of ``statuses``, and the values it names."""
+    values = {f":{name}{i}": str(status) for i, status in enumerate(statuses)}
+    return "(" + " OR ".join(f"#s = {placeholder}" for placeholder in values) + ")", values
 
 
 _NAMES = {"#s": "status", "#e": "error"}  # reserved words, or near enough

@@ -25,17 +25,13 @@ from worker.core.errors import TransientAwsError, WorkerError
 from worker.core.log import get_logger
 from worker.core.tracking import LoadedFile, TrackedFile
 from worker.ledger.models import OPEN_FILE, OPEN_RUN, SEALED_RUN, FileStatus, RunStatus
-from worker.ledger.store import Store, attribute_names, now_iso, to_wire
+from worker.ledger.store import Store, attribute_names, now_iso, status_in, to_wire
 
 log = get_logger(__name__)
-_OPEN_FILE = " OR ".join(f"#s = :open{i}" for i in range(len(OPEN_FILE)))
-_OPEN_RUN = " OR ".join(f"#s = :run{i}" for i in range(len(OPEN_RUN)))
-_SEALED_RUN = "(#s = :sealed0 OR #s = :sealed1)"
+_OPEN_FILE, _OPEN_FILE_VALUES = status_in("open", OPEN_FILE)
+_OPEN_RUN, _OPEN_RUN_VALUES = status_in("run", OPEN_RUN)
+_SEALED_RUN, _SEALED_RUN_VALUES = status_in("sealed", SEALED_RUN)
 _NAME = {"error": "#e"}
-
-
-def _statuses(prefix: str, statuses: tuple[str, ...]) -> dict[str, str]:
-    return {f":{prefix}{i}": str(status) for i, status in enumerate(statuses)}
 
 
 class LedgerTracker:
@@ -100,8 +96,8 @@ class LedgerTracker:
                 {"fileId": file.file_id},
                 "SET #e = :error, lastUpdated = :now",
                 {":error": detail, ":now": now_iso(), ":run": file.run_id,
-                 **_statuses("open", OPEN_FILE)},
-                condition=f"({_OPEN_FILE}) AND runId = :run",
+                 **_OPEN_FILE_VALUES},
+                condition=f"{_OPEN_FILE} AND runId = :run",
             )  # fmt: skip
             log.info("ledger_file_error_noted", error=error.reason)
 
@@ -116,11 +112,11 @@ class LedgerTracker:
                 "TableName": self._files,
                 "Key": {"fileId": {"S": file.file_id}},
                 "UpdateExpression": f"SET #s = :status, lastUpdated = :now, {sets}",
-                "ConditionExpression": f"({_OPEN_FILE}) AND runId = :run",
+                "ConditionExpression": f"{_OPEN_FILE} AND runId = :run",
                 "ExpressionAttributeNames": attribute_names(f"SET {sets}", "#s"),
                 "ExpressionAttributeValues": to_wire(
                     {":status": status.value, ":now": now, ":run": file.run_id,
-                     **{f":{k}": v for k, v in fields.items()}, **_statuses("open", OPEN_FILE)}
+                     **{f":{k}": v for k, v in fields.items()}, **_OPEN_FILE_VALUES}
                 ),
             }  # fmt: skip
             run_update = {
@@ -129,9 +125,7 @@ class LedgerTracker:
                 "UpdateExpression": f"ADD {counter} :one SET updatedAt = :now",
                 "ConditionExpression": _OPEN_RUN,
                 "ExpressionAttributeNames": {"#s": "status"},
-                "ExpressionAttributeValues": to_wire(
-                    {":one": 1, ":now": now, **_statuses("run", OPEN_RUN)}
-                ),
+                "ExpressionAttributeValues": to_wire({":one": 1, ":now": now, **_OPEN_RUN_VALUES}),
             }
             try:
                 await self._store.client.transact_write_items(
@@ -167,7 +161,7 @@ async def complete_if_done(store: Store, run_id: str) -> dict[str, Any] | None:
     final = RunStatus.SUCCESS if failed == 0 else RunStatus.FAILED
     values: dict[str, Any] = {
         ":final": final.value, ":now": now_iso(), ":p": processed, ":f": failed,
-        ":r": resolved, **_statuses("sealed", SEALED_RUN),
+        ":r": resolved, **_SEALED_RUN_VALUES,
     }  # fmt: skip
     expression = "SET #s = :final, updatedAt = :now"
     if failed:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,12 @@ async def handle_message(
     return outcome
 
 
+def receive_count(attributes: Mapping[str, Any]) -> int:
+    """A message's ``ApproximateReceiveCount`` (1 when SQS did not say)."""
+    count = str(attributes.get("ApproximateReceiveCount", "1"))
+    return int(count) if count.isdigit() else 1
+
+
 @dataclass(slots=True)
 class BatchReport:
     outcomes: dict[str, MessageOutcome] = field(default_factory=dict)
@@ -119,8 +125,8 @@ async def _run(
     async def one(record: dict[str, Any]) -> None:
         message_id = record["messageId"]
         try:
-            receives = str(record.get("attributes", {}).get("ApproximateReceiveCount", "1"))
-            last = receives.isdigit() and int(receives) >= loader.settings.ledger.max_receives
+            receives = receive_count(record.get("attributes", {}))
+            last = receives >= loader.settings.ledger.max_receives
             outcome = await handle_message(
                 loader, message_id, record.get("body", ""), last_attempt=last
             )

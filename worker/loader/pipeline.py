@@ -76,7 +76,6 @@ class ObjectSummary:
     error: WorkerError | None = None
     size: int = 0  # bytes as stored
     checksum: str = ""  # the version id or ETag
-    skipped_by_ledger: bool = False  # its run was cancelled or ended, or it was done already
 
     @property
     def ok(self) -> bool:
@@ -140,7 +139,7 @@ class Loader:
         assert self.tracker is not None
         try:
             if not await self.tracker.begin(tracked):
-                return ObjectSummary(uri=ref.uri, skipped_by_ledger=True)
+                return ObjectSummary(uri=ref.uri)  # the tracker logged why
         except WorkerError as exc:
             return ObjectSummary(uri=ref.uri, error=exc)
         summary = await self._load(ref.uri, lambda: self._fetch_s3(ref, tracked))

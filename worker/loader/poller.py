@@ -43,7 +43,7 @@ from worker.core.aws import AWS_FAILURES, error_code
 from worker.core.config import PollSettings
 from worker.core.errors import ConfigError, TransientAwsError
 from worker.core.log import emit_metrics, get_logger
-from worker.loader.batch import MessageOutcome, handle_message
+from worker.loader.batch import MessageOutcome, handle_message, receive_count
 from worker.loader.pipeline import Loader
 
 if TYPE_CHECKING:
@@ -355,8 +355,7 @@ class Poller:
 
 
 def _receives(message: dict[str, Any]) -> int:
-    count = str(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
-    return int(count) if count.isdigit() else 1
+    return receive_count(message.get("Attributes", {}))
 
 
 async def _succeeded(task: asyncio.Task[bool]) -> bool:

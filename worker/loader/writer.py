@@ -153,10 +153,14 @@ class BatchWriter:
         self._settings = settings
         self.window = window or Window(settings.max_in_flight)
         self.progress: Counter[str] = Counter()  # items written per table, for displays
-        self.written = 0  # items written in all, counted as each response arrives
         self.throttles = 0  # throttled requests and mostly-refused responses, in all
         self._sleep = sleep
         self._jitter = jitter
+
+    @property
+    def written(self) -> int:
+        """Items written in all, counted as each response arrives."""
+        return sum(self.progress.values())
 
     async def write(
         self,
@@ -242,7 +246,6 @@ class BatchWriter:
         left = response.get("UnprocessedItems", {}).get(table, [])
         stats.written += len(pending) - len(left)
         self.progress[table] += len(pending) - len(left)
-        self.written += len(pending) - len(left)
         if not left:
             self.window.on_success()
             return []
