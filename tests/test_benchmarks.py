@@ -51,3 +51,18 @@ def test_every_contender_runs_and_the_report_is_written(tmp_path: Path) -> None:
     assert report["memory"][0]["exit"] == 0 and report["cold_start"]["import_lambda_entry_ms"] > 0
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| worker-write |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_lake_benchmark_runs_small() -> None:
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lake", "--sizes", "3000", "--keys", "200",
+         "--runs", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "3,000 changes over 200 keys" in done.stdout and "with maintain" in done.stdout

@@ -58,6 +58,7 @@ def test_every_variable_is_read() -> None:
         ({"ENVIRONMENT": "dev"}, "ENVIRONMENT='dev' must be one of staging, prod"),
         ({"LOADER_MAX_RECEIVES": "0"}, "LOADER_MAX_RECEIVES"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+        ({"LAKE_TOMBSTONE_RETENTION_HOURS": "0"}, "LAKE_TOMBSTONE_RETENTION_HOURS=0 must be"),
     ],
 )
 def test_a_bad_value_is_refused_with_its_name(env: dict[str, str], says: str) -> None:

@@ -27,6 +27,7 @@ from aiobotocore.client import AioBaseClient
 
 from tests import factories as f
 from tests.conftest import BUCKET
+from tests.fault_proxy import S3Faults
 from tests.test_deploy import expand
 from worker.core.config import (
     FirehoseSettings,
@@ -121,6 +122,7 @@ def test_every_call_is_granted_to_its_role_and_every_grant_is_used(
     install_runtime: Callable[[Settings], Any],
     prefix: str,
     tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     s3, sqs = boto3.client("s3"), boto3.client("sqs")
     s3.create_bucket(Bucket=BUCKET)
@@ -195,6 +197,18 @@ def test_every_call_is_granted_to_its_role_and_every_grant_is_used(
     streams = install_runtime(settings)
     event = {"Records": [f.stream_record(1, new={"v": {"N": "1"}})]}
     assert streams(event, context) == {"batchItemFailures": []}
+    # a batch over two hours whose first part fails: the second is deleted again
+    with S3Faults(moto, fail_key="/hour=10/") as faults:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", faults.url)
+        streams = install_runtime(settings)
+        hours = [
+            f.stream_record(s, new={}, created_s=1_763_719_200 + 3600 * (s - 2)) for s in (2, 3)
+        ]
+        assert streams({"Records": hours}, context) == {
+            "batchItemFailures": [{"itemIdentifier": "2"}]
+        }
+        assert faults.failed
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
 
     # the Firehose transform (FirehoseTransformRole): claims, and a batch over 6 MB
     # whose last records give their claims back

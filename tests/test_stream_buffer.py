@@ -145,3 +145,59 @@ def test_a_failed_write_reports_the_lowest_sequence_not_written(
         assert faults.failed
         assert invoke(handler, *records[1:]) == []  # Lambda resends from 11 on
     assert sorted(k.split("/")[3] for k in objects(lake)) == ["hour=04", "hour=05"]
+
+
+def test_a_retry_with_more_records_leaves_every_record_in_exactly_one_part(
+    moto: str, lake: Any, monkeypatch: pytest.MonkeyPatch, make_handler: Callable[..., Handler]
+) -> None:
+    # Records 1-5 in hour 04, 6-12 in hour 05. The first delivery (1-10) writes hour 05's
+    # part 6-10 but not hour 04's; Lambda resends from 1, now with 11 and 12 as well.
+    records = [
+        f.stream_record(s, key=f"k{s}", new={}, created_s=1_763_701_195 + s) for s in range(1, 13)
+    ]
+    with S3Faults(moto, fail_key="hour=04") as faults:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", faults.url)
+        handler = make_handler()
+        assert invoke(handler, *records[:10]) == ["1"]
+        assert faults.failed
+        assert objects(lake) == {}  # part 6-10 would be cut as 6-12 next time: it is gone
+        assert invoke(handler, *records) == []
+    seen = [c["event_id"] for body in objects(lake).values() for c in ndjson(body)]
+    assert sorted(seen) == sorted(r["eventID"] for r in records)  # each exactly once
+
+
+def _changed(record: dict[str, Any], **change: Any) -> dict[str, Any]:
+    """The record with fields of its ``dynamodb`` part replaced (None: removed)."""
+    merged = {**record["dynamodb"], **change}
+    return {**record, "dynamodb": {k: v for k, v in merged.items() if v is not None}}
+
+
+@pytest.mark.parametrize(
+    ("bad", "named"),
+    [
+        (
+            _changed(f.stream_record(3, "MODIFY"), StreamViewType="KEYS_ONLY"),
+            "view type is KEYS_ONLY; the lake needs NEW_IMAGE or NEW_AND_OLD_IMAGES",
+        ),
+        (_changed(f.stream_record(3, new={}), Keys=None), "no Keys"),
+        (_changed(f.stream_record(3, new={}), SequenceNumber="9" * 41), "longer than 40 digits"),
+    ],
+    ids=["modify-without-new-image", "no-keys", "41-digit-sequence"],
+)
+def test_a_record_the_lake_could_not_apply_stops_the_batch_there(
+    make_handler: Callable[..., Handler],
+    lake: Any,
+    bad: dict[str, Any],
+    named: str,
+    logs: list[dict[str, Any]],
+) -> None:
+    handler = make_handler()
+    before = [f.stream_record(s, key=f"k{s}", new={}) for s in (1, 2)]
+    after = f.stream_record(4, key="k4", new={})
+    failures = invoke(handler, *before, bad, after)
+    assert failures == [bad["dynamodb"]["SequenceNumber"]]
+    written = [c["event_id"] for body in objects(lake).values() for c in ndjson(body)]
+    assert written == ["ev-1", "ev-2"]  # before it: written; it and after it: resent
+    (refused,) = events(logs, "stream_record_refused")
+    assert refused["log_level"] == "error" and named in refused["error_message"]
+    assert refused["event_id"] == "ev-3"

@@ -12,6 +12,16 @@
   last sequence numbers and a hash of its event IDs. It is written with
   ``If-None-Match: *``, so a redelivered batch finds its parts already there
   and never adds a second copy.
+- **Stable under retries.** When a part fails, Lambda resends every record from
+  its first sequence number, possibly with more records after them, so their
+  parts may be cut differently next time. Every part of this batch that starts
+  at or after that point is therefore deleted before the handler returns: the
+  retry writes those records once, in its own parts.
+- **Refused records.** A record the lake could not apply (no ``Keys``, a
+  sequence number that is not 1 to 40 digits, an INSERT or MODIFY without
+  ``NewImage`` because the stream's view type is KEYS_ONLY or OLD_IMAGE) stops
+  the batch there: the records before it are written, it is reported as the
+  batch item failure, and an ERROR line names it and what it lacks.
 - **Flushing.** Parts hold at most ``STREAM_MAX_RECORDS`` records and
   ``STREAM_MAX_BYTES`` (uncompressed); writes run ``STREAM_WRITE_CONCURRENCY``
   at a time.
@@ -36,9 +46,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from botocore.exceptions import ClientError
 
+from worker.cdc import cdc_rules as rules
 from worker.cdc.images import convert_image
 from worker.core.aws import AWS_FAILURES, error_code
 from worker.core.config import StreamFormat, StreamSettings
+from worker.core.errors import InvalidStreamRecord
 from worker.core.log import elapsed_ms, emit_metrics, get_logger
 from worker.core.timestamps import is_epoch_ms
 
@@ -48,6 +60,35 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _TTL_PRINCIPAL = {"type": "Service", "principalId": "dynamodb.amazonaws.com"}
+_EVENTS = ("INSERT", "MODIFY", "REMOVE")
+_ROLLBACK_S = 5.0  # for deleting the parts a retry will write again
+
+
+def check_record(record: Any) -> None:
+    """InvalidStreamRecord unless the lake can apply this record."""
+    change = record.get("dynamodb") if isinstance(record, dict) else None
+    if not isinstance(change, dict):
+        raise InvalidStreamRecord("not a DynamoDB Streams record (no dynamodb field)")
+    sequence = change.get("SequenceNumber")
+    context = {"event_id": record.get("eventID"), "sequence_number": sequence}
+    name = record.get("eventName")
+    if name not in _EVENTS:
+        raise InvalidStreamRecord(f"eventName {name!r} is not one of {_EVENTS}", **context)
+    try:
+        rules.padded_sequence(sequence if isinstance(sequence, str) else "")
+    except ValueError as exc:
+        raise InvalidStreamRecord(str(exc), **context) from None
+    if not isinstance(change.get("Keys"), dict) or not change["Keys"]:
+        raise InvalidStreamRecord("the record has no Keys", **context)
+    if not isinstance(change.get("ApproximateCreationDateTime"), int | float):
+        raise InvalidStreamRecord("the record has no ApproximateCreationDateTime", **context)
+    if name != "REMOVE" and not isinstance(change.get("NewImage"), dict):
+        view = change.get("StreamViewType", "unknown")
+        raise InvalidStreamRecord(
+            f"an {name} without NewImage: the stream's view type is {view}; "
+            "the lake needs NEW_IMAGE or NEW_AND_OLD_IMAGES",
+            **context,
+        )
 
 
 def envelope(record: dict[str, Any], ingest_ts_ms: int) -> dict[str, Any]:
@@ -209,20 +250,21 @@ async def handle_stream_batch(
     ``time.monotonic()`` value); report what must be retried."""
     start = time.perf_counter()
     now_ms = int(time.time() * 1000)
-    envelopes = [envelope(record, now_ms) for record in records]
+    envelopes, refused = _accepted(records, now_ms)
     parts = plan_parts(envelopes, settings)
-    report = StreamReport(records=len(envelopes))
+    report = StreamReport(records=len(envelopes), failed_from=refused)
     done: set[str] = set()
-    try:
-        async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+    budget = None if deadline is None else deadline - time.monotonic()
+    try:  # the last fifth of the time is kept for a roll-back
+        async with asyncio.timeout(None if budget is None else budget * 0.8):
             await _write_parts(s3, settings, parts, report, done)
     except TimeoutError:
         log.warning("deadline_reached", unwritten_parts=len(parts) - len(done))
-    for part in parts:
-        if part.key not in done and (
-            report.failed_from is None or int(part.first_sequence) < int(report.failed_from)
-        ):
-            report.failed_from = part.first_sequence
+    unwritten = [int(p.first_sequence) for p in parts if p.key not in done]
+    if unwritten:  # every part comes before a refused record
+        report.failed_from = str(min(unwritten))
+        left = _ROLLBACK_S if deadline is None else max(0.0, deadline - time.monotonic())
+        await _roll_back(s3, settings.bucket, parts, min(unwritten), min(left, _ROLLBACK_S))
     oldest = min((e["approx_creation_time_ms"] for e in envelopes), default=now_ms)
     log.info(
         "stream_batch_done",
@@ -242,6 +284,40 @@ async def handle_stream_batch(
         LagMs=now_ms - oldest,
     )
     return report
+
+
+def _accepted(
+    records: list[dict[str, Any]], now_ms: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The envelopes of the records before the first refused one, and that one's
+    sequence number (None when all are accepted)."""
+    envelopes: list[dict[str, Any]] = []
+    for record in records:
+        try:
+            check_record(record)
+        except InvalidStreamRecord as exc:
+            log.error("stream_record_refused", **exc.as_log())
+            sequence = exc.context.get("sequence_number")
+            return envelopes, sequence if isinstance(sequence, str) else ""
+        envelopes.append(envelope(record, now_ms))
+    return envelopes, None
+
+
+async def _roll_back(
+    s3: S3Client, bucket: str, parts: list[Part], failed_from: int, within_s: float
+) -> None:
+    """Delete every part that starts at or after ``failed_from``: Lambda resends
+    all its records, and the retry may cut them into other parts."""
+    doomed = [p.key for p in parts if int(p.first_sequence) >= failed_from]
+    try:
+        async with asyncio.timeout(within_s):
+            await asyncio.gather(*(s3.delete_object(Bucket=bucket, Key=k) for k in doomed))
+    except AWS_FAILURES as exc:
+        log.error("stream_rollback_failed", parts=doomed, error=repr(exc))  # copies may stay
+    except TimeoutError:
+        log.error("stream_rollback_failed", parts=doomed, error="timed out")
+    else:
+        log.info("stream_parts_rolled_back", parts=doomed)
 
 
 async def _write_parts(

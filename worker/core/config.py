@@ -218,6 +218,7 @@ class Settings:
     firehose: FirehoseSettings = field(default_factory=FirehoseSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    lake_tombstone_retention_hours: int = 7 * 24
 
     @property
     def region(self) -> str | None:
@@ -265,6 +266,12 @@ class Settings:
             firehose=_firehose(env),
             streams=_streams(env),
             ledger=_ledger(env),
+            lake_tombstone_retention_hours=_int(
+                env,
+                "LAKE_TOMBSTONE_RETENTION_HOURS",
+                d.lake_tombstone_retention_hours,
+                maximum=24 * 366,
+            ),
         )
 
 

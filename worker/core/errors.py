@@ -125,6 +125,10 @@ class LakeError(PermanentError):
     reason = "lake_error"
 
 
+class InvalidStreamRecord(PermanentError):
+    reason = "invalid_stream_record"
+
+
 class InvalidRequest(PermanentError):
     """An API request the worker refuses; ``status`` is its HTTP status."""
 

@@ -83,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     apply = lake_commands.add_parser("apply", help=what, description=what)
     apply.add_argument("--source", required=True, help="s3://BUCKET/PREFIX/TABLE of the parts")
     apply.add_argument("--target", required=True, help="a local path or s3:// URI")
+    what = "compact, vacuum and expire tombstones: safe beside a running apply"
+    maintain = lake_commands.add_parser("maintain", help=what, description=what)
+    maintain.add_argument("--target", required=True, help="a local path or s3:// URI")
+    maintain.add_argument(
+        "--retention-hours",
+        type=_natural,
+        default=168,
+        help="vacuum files unreferenced for this long (168); keep it above the longest apply",
+    )
+    what = "move an unreadable part under SOURCE/_quarantine/ so applies go on without it"
+    quarantine = lake_commands.add_parser("quarantine", help=what, description=what)
+    quarantine.add_argument("--source", required=True, help="s3://BUCKET/PREFIX/TABLE")
+    quarantine.add_argument("--part", required=True, help="the part's key, as the error names it")
 
     demo = command("demo")
     demo.add_argument("--rows", type=_positive, default=5_000, help="rows per sample file")
@@ -100,12 +113,19 @@ def _version() -> str:
 
 
 def _positive(text: str) -> int:
+    value = _natural(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _natural(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
     return value
 
 
@@ -151,12 +171,20 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return run_demo(rows=args.rows)
     log.configure(settings.log_level, stream=sys.stderr, fmt=settings.log_format)
     if command == "lake":
-        from worker.entry.console import lake_apply
-
-        return _run(lake_apply(settings, args.source, args.target))
+        return _lake(args, settings)
     from worker.entry.console import load_targets
 
     return _run(load_targets(settings, args.targets))
+
+
+def _lake(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.entry import console
+
+    if args.lake_command == "maintain":
+        return console.lake_maintain(settings, args.target, args.retention_hours)
+    if args.lake_command == "quarantine":
+        return _run(console.lake_quarantine(settings, args.source, args.part))
+    return _run(console.lake_apply(settings, args.source, args.target))
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:

@@ -102,6 +102,36 @@ async def lake_apply(settings: Settings, source: str, target: str) -> int:
         f"{target}: applied {len(result.parts)} parts, {result.changes} changes "
         f"({result.rows} keys): {m.get('num_target_rows_inserted', 0)} inserted, "
         f"{m.get('num_target_rows_updated', 0)} updated, "
-        f"{m.get('num_target_rows_deleted', 0)} deleted; version {result.version}"
+        f"{m.get('num_target_rows_deleted', 0)} deleted, "
+        f"{result.refused} refused by tombstones; version {result.version}"
     )
+    return 0
+
+
+def lake_maintain(settings: Settings, target: str, retention_hours: int) -> int:
+    """``worker lake maintain``: one pass, then a one-line report."""
+    from worker.cdc.lake import maintain, storage_options_for
+
+    result = maintain(
+        target,
+        retention_hours=retention_hours,
+        tombstone_retention_hours=settings.lake_tombstone_retention_hours,
+        storage_options=storage_options_for(target, settings.aws),
+    )
+    removed = sum(m.get("numFilesRemoved", 0) for m in result.compacted.values())
+    added = sum(m.get("numFilesAdded", 0) for m in result.compacted.values())
+    print(
+        f"{target}: compacted {removed} files into {added}, vacuumed {result.vacuumed}, "
+        f"expired {result.tombstones_expired} tombstones"
+    )
+    return 0
+
+
+async def lake_quarantine(settings: Settings, source: str, part: str) -> int:
+    """``worker lake quarantine``: move one part aside."""
+    from worker.cdc.parts import quarantine_part
+
+    async with Clients.from_settings(settings) as clients:
+        moved = await quarantine_part(clients.s3, source, part)
+    print(f"{part}: moved to {moved}; later applies go on without it")
     return 0
