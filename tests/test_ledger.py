@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -94,15 +95,17 @@ async def submit(call: Call, **extra: Any) -> dict[str, Any]:
     return body
 
 
-def receive_all(queue_url: str) -> list[dict[str, Any]]:
-    """Every message on the queue, as Lambda SQS records (then deleted from the queue)."""
+def receive_all(queue_url: str, count: int = 0) -> list[dict[str, Any]]:
+    """Every message on the queue, as Lambda SQS records (then deleted from the queue);
+    at least ``count`` of them (moto may answer empty while messages remain)."""
     sqs = boto3.client("sqs")
     records: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 20
     while True:
         got = sqs.receive_message(
             QueueUrl=queue_url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"]
         ).get("Messages", [])
-        if not got:
+        if not got and (len(records) >= count or time.monotonic() > deadline):
             return records
         for message in got:
             record = f.sqs_record(message["Body"], message["MessageId"])
@@ -167,7 +170,8 @@ async def test_two_loaders_racing_on_one_run_leave_exact_counters(
 ) -> None:
     put_files(s3, 12, rows=1)
     run_id = (await submit(call, idempotency_key=f"race-{attempt}"))["runId"]
-    records = receive_all(ledger_settings.ledger.loader_queue_url)
+    records = receive_all(ledger_settings.ledger.loader_queue_url, count=12)
+    assert len(records) == 12
     halves = [records[0::2], records[1::2]]
     failures = await asyncio.gather(*(load(ledger_settings, half) for half in halves))
     assert failures == [[], []]
