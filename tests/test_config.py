@@ -59,6 +59,9 @@ def test_every_variable_is_read() -> None:
         ({"LOADER_MAX_RECEIVES": "0"}, "LOADER_MAX_RECEIVES"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"LAKE_TOMBSTONE_RETENTION_HOURS": "0"}, "LAKE_TOMBSTONE_RETENTION_HOURS=0 must be"),
+        ({"MAX_BYTES_IN_FLIGHT": "0"}, "MAX_BYTES_IN_FLIGHT=0 must be"),
+        ({"MAX_DECODED_BYTES": "-1"}, "MAX_DECODED_BYTES=-1 must be"),
+        ({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "20000"}, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE=20000"),
     ],
 )
 def test_a_bad_value_is_refused_with_its_name(env: dict[str, str], says: str) -> None:

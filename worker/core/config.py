@@ -48,6 +48,10 @@ def _int(
     return value
 
 
+def _optional_int(env: Mapping[str, str], name: str, *, maximum: int | None = None) -> int | None:
+    return _int(env, name, 0, maximum=maximum) or None
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = env.get(name, "").strip().lower() or default
     if value not in choices:
@@ -208,7 +212,9 @@ class Settings:
     max_objects_per_message: int = 100
     max_tables_per_file: int = 256
     max_object_bytes: int = 256 * MiB
-    max_decoded_bytes: int = 1024 * MiB
+    max_decoded_bytes: int | None = None  # None: derived from the memory (loader.budget)
+    max_bytes_in_flight: int | None = None  # None: derived from the memory, if known
+    lambda_memory_mb: int | None = None  # AWS_LAMBDA_FUNCTION_MEMORY_SIZE, set by Lambda
     log_level: str = "INFO"
     log_format: LogFormat = "auto"
     deadline_margin_ms: int = 10_000
@@ -248,7 +254,9 @@ class Settings:
                 env, "MAX_TABLES_PER_FILE", d.max_tables_per_file, maximum=10_000
             ),
             max_object_bytes=_int(env, "MAX_OBJECT_BYTES", d.max_object_bytes),
-            max_decoded_bytes=_int(env, "MAX_DECODED_BYTES", d.max_decoded_bytes),
+            max_decoded_bytes=_optional_int(env, "MAX_DECODED_BYTES"),
+            max_bytes_in_flight=_optional_int(env, "MAX_BYTES_IN_FLIGHT"),
+            lambda_memory_mb=_optional_int(env, "AWS_LAMBDA_FUNCTION_MEMORY_SIZE", maximum=10_240),
             log_level=_choice(
                 env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ).upper(),

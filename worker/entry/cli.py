@@ -235,6 +235,9 @@ def _poll(settings: Settings, args: argparse.Namespace) -> int:
         from worker.loader.supervisor import supervise
 
         return supervise(processes, ["--queue-url", poll.queue_url])
+    from worker.entry.runtime import settle_memory
+
+    settle_memory()
     return _run(_poll_once(dataclasses.replace(settings, poll=poll)))
 
 

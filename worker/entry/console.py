@@ -9,6 +9,7 @@ from pathlib import Path
 
 from worker.core.aws import Clients
 from worker.core.config import Settings
+from worker.entry.runtime import settle_memory
 from worker.loader.messages import ObjectRef
 from worker.loader.pipeline import Loader, ObjectSummary
 
@@ -30,6 +31,7 @@ async def load_targets(settings: Settings, targets: list[str]) -> int:
         return 2
     async with Clients.from_settings(settings) as clients:
         loader = Loader(settings, clients)
+        settle_memory()
         progress = asyncio.create_task(_show_progress(loader)) if sys.stderr.isatty() else None
         summaries = []
         try:

@@ -12,6 +12,7 @@ variable, before any record is touched.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,10 +32,25 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+GC_THRESHOLD = (50_000, 20, 20)  # gen 0 every 50k allocations instead of 700
+
+
+def settle_memory() -> None:
+    """Once start-up is done: keep what exists now (modules, settings, clients) out
+    of the cyclic collector's passes, and run generation 0 less often. The loader
+    makes millions of short-lived dicts that form no cycles; with CPython's
+    defaults every pass walks them (measured: a third of a load's CPU). Cycles
+    are still collected, only later. Idempotent."""
+    if gc.get_threshold() != GC_THRESHOLD:
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLD)
+
+
 class Runtime:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings.from_env()
         log.configure(self.settings.log_level, fmt=self.settings.log_format)
+        settle_memory()
         self._runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
         self._clients: Clients | None = None
         self._loader: Loader | None = None

@@ -94,10 +94,13 @@ class ConversionStats:
 
 @dataclass(slots=True)
 class Conversion:
-    """The items of one table, and what happened to the rows that are not there."""
+    """The items of some rows of one table, each item's key identity (a hash: equal
+    keys, equal hashes), and what happened to the rows that are not there (the
+    builder's stats, over every ``convert`` so far)."""
 
     items: list[Item] = field(default_factory=list)
     stats: ConversionStats = field(default_factory=ConversionStats)
+    keys: list[int] = field(default_factory=list)
 
     def take_items(self) -> list[Item]:
         """Hand the items over, keeping no reference, so they can be freed as written."""
@@ -120,15 +123,15 @@ class ItemBuilder:
         self.schema = schema
         self.nan_policy = nan_policy
         self.origin = origin
-        self._result = Conversion()
+        self.stats = ConversionStats()
         self._name_sizes: dict[str, int] = {}
 
-    def convert(self, rows: list[dict[str, Any]]) -> Conversion:
-        """Build the items of ``rows``: unique keys, last row wins, skips counted."""
-        result = self._result = Conversion()
+    def convert(self, rows: list[dict[str, Any]], first_index: int = 0) -> Conversion:
+        """Build the items of ``rows`` (the table's rows from ``first_index`` on, which
+        seeds the derived ids): unique keys, last row wins, skips counted."""
         single = self.schema.hash if self.schema.range is None else None
         by_key: dict[Any, tuple[Item, int]] = {}
-        for index, row in enumerate(rows):
+        for index, row in enumerate(rows, first_index):
             built = self._item(index, row)
             if built is None:
                 continue
@@ -139,21 +142,24 @@ class ItemBuilder:
                 else tuple(_identity(item[k.name]) for k in self.schema.attributes)
             )
             if identity in by_key:
-                result.stats.duplicates += 1
+                self.stats.duplicates += 1
             by_key[identity] = (item, size)
-        result.items = [item for item, _ in by_key.values()]
-        result.stats.bytes = sum(size for _, size in by_key.values())
-        return result
+        self.stats.bytes += sum(size for _, size in by_key.values())
+        return Conversion(
+            items=[item for item, _ in by_key.values()],
+            stats=self.stats,
+            keys=[hash(identity) for identity in by_key],
+        )
 
     def _item(self, index: int, row: Any) -> tuple[Item, int] | None:
-        result = self._result
+        stats = self.stats
         if not isinstance(row, dict):
-            result.stats.skip("not_a_row", index, f"{type(row).__name__} is not a dict")
+            stats.skip("not_a_row", index, f"{type(row).__name__} is not a dict")
             return None
         try:
             item, size = self._attributes(row)
         except _UnsupportedError as exc:
-            result.stats.skip(exc.reason, index, str(exc))
+            stats.skip(exc.reason, index, str(exc))
             return None
         for position, key in enumerate(self.schema.attributes):
             present = item.get(key.name)
@@ -162,7 +168,7 @@ class ItemBuilder:
             else:
                 made = self._key(index, key, row.get(key.name))
                 if made is None:
-                    result.stats.skip("invalid_key", index, f"{key.name}={row.get(key.name)!r}")
+                    stats.skip("invalid_key", index, f"{key.name}={row.get(key.name)!r}")
                     return None
                 attr = made
                 if present is not None:
@@ -171,10 +177,10 @@ class ItemBuilder:
                 size += _utf8_len(key.name) + _attr_size(attr)
             limit = MAX_HASH_KEY_BYTES if position == 0 else MAX_RANGE_KEY_BYTES
             if key.type != "N" and _attr_size(attr) > limit:
-                result.stats.skip("key_too_large", index, f"{key.name} is over {limit} bytes")
+                stats.skip("key_too_large", index, f"{key.name} is over {limit} bytes")
                 return None
         if size > MAX_ITEM_BYTES:
-            result.stats.skip("item_too_large", index, f"{size} bytes")
+            stats.skip("item_too_large", index, f"{size} bytes")
             return None
         return item, size
 
@@ -290,7 +296,7 @@ class ItemBuilder:
     def _int(self, value: int) -> Attr:
         if -_INT_LIMIT < value < _INT_LIMIT:
             return {"N": str(value)}
-        self._result.stats.numbers_as_strings += 1
+        self.stats.numbers_as_strings += 1
         return {"S": str(value)}
 
     def _float(self, value: float, *, in_list: bool) -> Attr | None:
@@ -298,7 +304,7 @@ class ItemBuilder:
             return self._nonfinite("NaN" if value != value else _NONFINITE_TEXT[value], in_list)
         if value == 0.0 or _FLOAT_MIN <= abs(value) < _FLOAT_MAX:
             return {"N": repr(value)}
-        self._result.stats.numbers_as_strings += 1
+        self.stats.numbers_as_strings += 1
         return {"S": repr(value)}
 
     def _decimal(self, value: Decimal, *, in_list: bool) -> Attr | None:
@@ -309,11 +315,11 @@ class ItemBuilder:
             _significant_digits(value) <= 38 and _FLOAT_MIN <= abs(value) < _FLOAT_MAX
         ):
             return {"N": str(value)}
-        self._result.stats.numbers_as_strings += 1
+        self.stats.numbers_as_strings += 1
         return {"S": str(value)}
 
     def _nonfinite(self, text: str, in_list: bool) -> Attr | None:
-        self._result.stats.nonfinite += 1
+        self.stats.nonfinite += 1
         if self.nan_policy == "string":
             return {"S": text}
         if self.nan_policy == "drop" and not in_list:

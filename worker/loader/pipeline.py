@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +31,18 @@ from worker.core.errors import (
 )
 from worker.core.log import elapsed_ms, get_logger
 from worker.core.tracking import FileTracker, LoadedFile, TrackedFile
+from worker.loader.budget import ByteBudget, budget_bytes, decoded_cap
 from worker.loader.ddb_http import batch_write_client
-from worker.loader.extract import Extractor, Rows
-from worker.loader.items import ConversionStats, ItemBuilder, Origin
+from worker.loader.extract import Extractor, Rows, Slice, Tables, WholeFile
+from worker.loader.items import Conversion, ConversionStats, ItemBuilder, Origin
 from worker.loader.messages import ObjectRef
-from worker.loader.s3_reader import Limits, gunzip_if_needed, read_object
+from worker.loader.s3_reader import Data, Limits, gunzip_if_needed, read_object
 from worker.loader.tables import TableRegistry, table_name
 from worker.loader.writer import BatchWriter, WriteStats
 
 log = get_logger(__name__)
-TABLES_AT_ONCE = 2
-Fetched = tuple[Origin, bytes, int]  # the rows' origin (the id seed), the bytes, stored size
+SLICES_AT_ONCE = 3  # slices converted or being dispatched, across the file's tables
+Fetched = tuple[Origin, Data, int, int]  # origin (the id seed), bytes, stored size, reserved
 
 
 @dataclass(slots=True)
@@ -118,7 +119,9 @@ class Loader:
         self.writer = writer or BatchWriter(
             batch_write_client(clients, settings.write.path), settings.write
         )
-        self._limits = Limits(settings.max_object_bytes, settings.max_decoded_bytes)
+        streamed = self.extractor.iterate is not None
+        self._limits = Limits(settings.max_object_bytes, *decoded_cap(settings, streamed=streamed))
+        self.budget = ByteBudget(budget_bytes(settings, streamed=streamed))
         self.tracker = tracker
 
     async def load(self, ref: ObjectRef, *, last_attempt: bool = False) -> ObjectSummary:
@@ -168,14 +171,17 @@ class Loader:
     async def _load(self, uri: str, fetch: Callable[[], Awaitable[Fetched]]) -> ObjectSummary:
         summary = ObjectSummary(uri=uri)
         start = time.perf_counter()
+        reserved = 0
         try:
-            source, data, summary.size = await fetch()
+            source, data, summary.size, reserved = await fetch()
             summary.checksum = source.revision
             tables = await asyncio.to_thread(self._extract, data, time.perf_counter())
-            del data  # only the decoded rows from here on: the bytes can go
-            await self.write_tables(source, tables, summary)
+            del data  # the stream holds the bytes as long as it needs them
+            await self.write_stream(source, tables, summary)
         except WorkerError as exc:
             summary.error = exc
+        finally:
+            await self.budget.release(reserved)
         summary.ms = elapsed_ms(start)
         self._log_summary(summary)
         return summary
@@ -183,7 +189,7 @@ class Loader:
     async def _fetch_s3(self, ref: ObjectRef, tracked: TrackedFile | None) -> Fetched:
         self._check_source(ref)
         start = time.perf_counter()
-        obj = await read_object(self.clients.s3, ref, self._limits)
+        obj = await read_object(self.clients.s3, ref, self._limits, self.budget)
         if tracked is not None and self.tracker is not None:
             await self.tracker.fetched(tracked)
         log.info(
@@ -193,7 +199,12 @@ class Loader:
             gzipped=obj.gzipped,
             ms=elapsed_ms(start),
         )
-        return Origin(ref.bucket, ref.key, obj.revision, ""), obj.data, obj.stored_bytes
+        return (
+            Origin(ref.bucket, ref.key, obj.revision, ""),
+            obj.data,
+            obj.stored_bytes,
+            obj.reserved,
+        )
 
     async def _fetch_file(self, path: Path) -> Fetched:
         try:
@@ -204,119 +215,123 @@ class Loader:
             raise CorruptObject("file is empty")
         data, _ = gunzip_if_needed(raw, self._limits)
         revision = hashlib.sha256(raw).hexdigest()[:32]
-        return Origin("file", absolute, revision, ""), data, len(raw)
+        await self.budget.reserve(len(data))
+        return Origin("file", absolute, revision, ""), data, len(raw), len(data)
 
-    def _extract(self, data: bytes, start: float) -> Rows:
-        tables = self.extractor.extract(data)
+    def _extract(self, data: Data, start: float) -> Tables:
+        tables = self.extractor.stream(data)
+        names = tables.table_names
         log.info(
             "object_decoded",
-            tables=len(tables),
-            rows=sum(len(rows) for rows in tables.values()),
+            tables=None if names is None else len(set(names)),
+            streamed=not isinstance(tables, WholeFile),
             ms=elapsed_ms(start),
         )
         return tables
 
     async def write_tables(self, source: Origin, tables: Rows, summary: ObjectSummary) -> None:
-        """The write stage: every table of decoded rows, concurrently; raises the error
-        that decides the message's fate (a retryable one first)."""
-        cap = self.settings.max_tables_per_file
-        if len(tables) > cap:
-            raise ObjectTooLarge(
-                f"file holds {len(tables)} tables, over MAX_TABLES_PER_FILE={cap}",
-                table_count=len(tables),
-            )
-        work, errors = self._plan(tables, summary)
-        # A few tables are converted at a time: one table alone can fill the write
-        # window, and items are only built for tables whose turn has come, which
-        # bounds memory. A table gives its turn up once all its requests are under
-        # way, so retries of one table never hold the next back.
-        slots = asyncio.Semaphore(TABLES_AT_ONCE)
-        tasks = []
+        """The write stage for rows already extracted (``write_stream`` of them)."""
+        await self.write_stream(source, WholeFile(tables), summary)
+
+    async def write_stream(self, source: Origin, tables: Tables, summary: ObjectSummary) -> None:
+        """Write a file's slices of rows as they come; raise the error that decides
+        the message's fate (a retryable one first).
+
+        Parsing and converting run in a thread, one slice at a time, and a slice
+        is taken only while fewer than ``SLICES_AT_ONCE`` slices are still being
+        dispatched, so memory holds a few slices, whatever the file's size. A
+        key written by a slice still in flight is not sent again until that
+        slice is written: the later row wins, and two versions of one item are
+        never in flight at once.
+        """
+        plan = _Plan(self.settings, summary)
+        if tables.table_names is not None:
+            plan.check_upfront(tables.table_names)  # before any table is made
         async with asyncio.TaskGroup() as group:
-            for result, name, rows in reversed(work):
-                await slots.acquire()
-                turn = _Turn(slots)
-                origin = dataclasses.replace(source, table=name)
-                task = group.create_task(self._load_table(origin, rows, result, turn))
-                task.add_done_callback(turn.end)
-                tasks.append(task)
-        del work
-        errors += [error for task in tasks if (error := task.result()) is not None]
-        if errors:  # a retry can cure a retryable error, so it decides the message's fate
-            raise next((e for e in errors if e.retriable), errors[0])
-
-    def _plan(
-        self, tables: Rows, summary: ObjectSummary
-    ) -> tuple[list[tuple[TableSummary, str, list[dict[str, Any]]]], list[WorkerError]]:
-        """Map every table of the file to its DynamoDB table. Empty tables need no
-        table; a name DynamoDB refuses, or two names that map to one table, fail
-        those tables (merging them would lose rows silently)."""
-        mapped: dict[str, list[str]] = {}
-        errors: list[WorkerError] = []
-        for name in tables:
             try:
-                mapped.setdefault(table_name(self.settings.schema_prefix, name), []).append(name)
-            except InvalidTable as exc:
-                errors.append(self._fail(TableSummary(name, len(tables[name])), name, exc, summary))
-        work = []
-        for target, names in mapped.items():
-            for name in names:
-                rows = tables.pop(name)  # each table's rows go to its task alone, to be freed
-                result = TableSummary(target, len(rows))
-                if len(names) > 1:
-                    clash = InvalidTable(
-                        f"tables {names!r} of the file all map to {target!r}", source_tables=names
-                    )
-                    errors.append(self._fail(result, name, clash, summary))
-                elif rows:
-                    summary.tables.append(result)
-                    work.append((result, name, rows))
-                else:
-                    summary.tables.append(result)  # nothing to write: no table is made
-        return work, errors
+                await self._feed(plan, source, iter(tables), group)
+            except WorkerError as exc:  # the file itself: no slice after this one
+                plan.errors.insert(0, exc)
+        for table in plan.tables.values():
+            self._log_table(table)
+        if plan.errors:  # a retry can cure a retryable error, so it decides the message's fate
+            raise next((e for e in plan.errors if e.retriable), plan.errors[0])
 
-    @staticmethod
-    def _fail(
-        result: TableSummary, name: str, error: WorkerError, summary: ObjectSummary
-    ) -> WorkerError:
-        result.error = error.reason
-        summary.tables.append(result)
-        log.warning("table_failed", **{"source_table": name, **error.as_log()})
-        return error
-
-    async def _load_table(
-        self, origin: Origin, rows: list[dict[str, Any]], result: TableSummary, turn: _Turn
-    ) -> WorkerError | None:
-        with bound_contextvars(source_table=origin.table, table=result.table):
-            try:
-                await self._write_table(origin, rows, result, turn)
-            except WorkerError as exc:
-                result.error = exc.reason
-                log.warning("table_failed", **exc.as_log())
-                return exc
-        return None
-
-    async def _write_table(
-        self, origin: Origin, rows: list[dict[str, Any]], result: TableSummary, turn: _Turn
+    async def _feed(
+        self, plan: _Plan, source: Origin, slices: Iterator[Slice], group: asyncio.TaskGroup
     ) -> None:
-        schema = await self.registry.ensure(result.table, rows[0])
-        builder = ItemBuilder(schema, self.settings.nan_policy, origin)
-        converted = await asyncio.to_thread(builder.convert, rows)
-        rows.clear()
-        result.conversion = converted.stats
-        if converted.stats.skipped:
-            log.warning(
-                "rows_skipped",
-                counts=dict(converted.stats.skipped),
-                samples=converted.stats.samples,
-            )
-        try:
-            result.write = await self.writer.write(
-                result.table, converted.take_items(), on_dispatched=turn.end
-            )
-        finally:
-            result.window = self.writer.window.limit
-        log.info("table_written", **result.log_fields())
+        slots = asyncio.Semaphore(SLICES_AT_ONCE)
+        while True:
+            await slots.acquire()
+            turn = _Turn(slots)
+            got = await asyncio.to_thread(next, slices, None)
+            if got is None:
+                turn.end()
+                return
+            name, rows = got
+            table = await self._open(plan, source, name, rows)
+            if table is None:
+                turn.end()
+                continue
+            converted = await asyncio.to_thread(table.builder.convert, rows, table.offset)
+            table.offset += len(rows)
+            del rows, got
+            await table.wait_for_earlier(converted.keys)
+            task = group.create_task(self._write_slice(table, converted, turn))
+            task.add_done_callback(turn.end)
+            table.track(task, converted.keys)
+
+    async def _open(
+        self, plan: _Plan, source: Origin, name: str, rows: list[dict[str, Any]]
+    ) -> _Table | None:
+        """The table this slice goes to (made when it is new), or None if it failed."""
+        table = plan.tables.get(name)
+        if table is None:
+            if name in plan.failed or not rows:
+                return None  # an empty table makes nothing
+            result = plan.add(name)
+            if result is None:
+                return None
+            with bound_contextvars(source_table=name, table=result.table):
+                try:
+                    schema = await self.registry.ensure(result.table, rows[0])
+                except WorkerError as exc:
+                    plan.fail(name, result, exc)
+                    return None
+            origin = dataclasses.replace(source, table=name)
+            builder = ItemBuilder(schema, self.settings.nan_policy, origin)
+            table = plan.tables[name] = _Table(plan, name, result, builder)
+        table.result.rows += len(rows)
+        return table if table.result.error is None and rows else None
+
+    async def _write_slice(self, table: _Table, converted: Conversion, turn: _Turn) -> None:
+        result = table.result
+        with bound_contextvars(source_table=table.name, table=result.table):
+            try:
+                await self.writer.write(
+                    result.table,
+                    converted.take_items(),
+                    on_dispatched=turn.end,
+                    stats=result.write,
+                )
+            except WorkerError as exc:
+                if result.error is None:
+                    table.plan.fail(table.name, result, exc)
+            finally:
+                result.window = self.writer.window.limit
+
+    def _log_table(self, table: _Table) -> None:
+        result = table.result
+        result.conversion = table.builder.stats
+        with bound_contextvars(source_table=table.name, table=result.table):
+            if result.conversion.skipped:
+                log.warning(
+                    "rows_skipped",
+                    counts=dict(result.conversion.skipped),
+                    samples=result.conversion.samples,
+                )
+            if result.error is None:
+                log.info("table_written", **result.log_fields())
 
     def _log_summary(self, summary: ObjectSummary) -> None:
         fields = {
@@ -351,7 +366,7 @@ def _read_file(path: Path) -> tuple[bytes, str]:
 
 
 class _Turn:
-    """A table's place among the tables being prepared; given back exactly once."""
+    """A slice's place among the slices being prepared; given back exactly once."""
 
     __slots__ = ("_ended", "_slots")
 
@@ -363,3 +378,106 @@ class _Turn:
         if not self._ended:
             self._ended = True
             self._slots.release()
+
+
+class _Plan:
+    """A file's tables as they appear: their DynamoDB names, summaries, failures.
+
+    A name DynamoDB refuses, two names that map to one table (merging them
+    would lose rows silently), and tables beyond ``MAX_TABLES_PER_FILE`` fail.
+    With the names known up front all of that is decided before any table is
+    made; otherwise as each table first appears.
+    """
+
+    def __init__(self, settings: Settings, summary: ObjectSummary) -> None:
+        self.prefix = settings.schema_prefix
+        self.cap = settings.max_tables_per_file
+        self.summary = summary
+        self.tables: dict[str, _Table] = {}
+        self.failed: set[str] = set()
+        self.errors: list[WorkerError] = []
+        self._targets: dict[str, str] = {}  # DynamoDB table -> the file's table name
+        self._seen: set[str] = set()
+
+    def check_upfront(self, names: list[str]) -> None:
+        distinct = list(dict.fromkeys(names))
+        if len(distinct) > self.cap:
+            raise self._too_many(len(distinct))
+        mapped: dict[str, list[str]] = {}
+        for name in distinct:
+            try:
+                mapped.setdefault(table_name(self.prefix, name), []).append(name)
+            except InvalidTable as exc:
+                self.fail(name, name, exc)
+        for target, clashing in mapped.items():
+            if len(clashing) > 1:
+                for name in clashing:
+                    self.fail(name, target, _clash(clashing, target))
+
+    def add(self, name: str) -> TableSummary | None:
+        """The summary of a table seen for the first time, or None when it fails."""
+        self._seen.add(name)
+        if len(self._seen) > self.cap:
+            raise self._too_many(len(self._seen))
+        try:
+            target = table_name(self.prefix, name)
+        except InvalidTable as exc:
+            self.fail(name, name, exc)
+            return None
+        other = self._targets.setdefault(target, name)
+        if other != name:
+            self.fail(name, target, _clash([other, name], target))
+            return None
+        result = TableSummary(target)
+        self.summary.tables.append(result)
+        return result
+
+    def fail(self, name: str, result: TableSummary | str, error: WorkerError) -> None:
+        """``result``: the table's summary, or the DynamoDB name of a new one."""
+        if isinstance(result, str):
+            result = TableSummary(result)
+            self.summary.tables.append(result)
+        self.failed.add(name)
+        result.error = error.reason
+        self.errors.append(error)
+        log.warning("table_failed", **{"source_table": name, **error.as_log()})
+
+    def _too_many(self, count: int) -> ObjectTooLarge:
+        return ObjectTooLarge(
+            f"file holds {count} tables, over MAX_TABLES_PER_FILE={self.cap}",
+            table_count=count,
+        )
+
+
+def _clash(names: list[str], target: str) -> InvalidTable:
+    return InvalidTable(f"tables {names!r} of the file all map to {target!r}", source_tables=names)
+
+
+class _Table:
+    """One table of one file being written: its builder, where its next slice
+    starts, and the keys of its slices still in flight."""
+
+    def __init__(self, plan: _Plan, name: str, result: TableSummary, builder: ItemBuilder) -> None:
+        self.plan = plan
+        self.name = name
+        self.result = result
+        self.builder = builder
+        self.offset = 0  # the table's row index of the next slice (seeds derived ids)
+        self._in_flight: dict[int, asyncio.Task[None]] = {}  # key hash -> its slice's task
+
+    async def wait_for_earlier(self, keys: list[int]) -> None:
+        """Wait until no slice in flight holds one of ``keys``."""
+        earlier = {task for key in keys if (task := self._in_flight.get(key)) is not None}
+        if earlier:
+            self.builder.stats.duplicates += sum(key in self._in_flight for key in keys)
+            await asyncio.wait(earlier)
+
+    def track(self, task: asyncio.Task[None], keys: list[int]) -> None:
+        for key in keys:
+            self._in_flight[key] = task
+        task.add_done_callback(lambda done: self._forget(done, keys))
+
+    def _forget(self, task: asyncio.Task[None], keys: list[int]) -> None:
+        for key in keys:
+            if self._in_flight.get(key) is task:
+                del self._in_flight[key]

@@ -168,14 +168,16 @@ class BatchWriter:
         items: list[Item],
         *,
         on_dispatched: Callable[[], object] | None = None,
+        stats: WriteStats | None = None,
     ) -> WriteStats:
         """Write every item, or raise WriteThrottled, TransientAwsError or InvalidTable.
 
         ``on_dispatched`` is called once every chunk has its request under way; from
         then on only the chunks still being retried hold items, so the caller may
-        start preparing more work while the retries finish.
+        start preparing more work while the retries finish. ``stats``, when given,
+        is added to (a table written in several calls).
         """
-        stats = WriteStats()
+        stats = WriteStats() if stats is None else stats
         start = time.perf_counter()
         try:
             async with asyncio.TaskGroup() as group:
@@ -191,7 +193,7 @@ class BatchWriter:
         except BaseExceptionGroup as group_error:
             raise _first_worker_error(group_error) from None
         finally:
-            stats.ms = round((time.perf_counter() - start) * 1000)
+            stats.ms += round((time.perf_counter() - start) * 1000)
         return stats
 
     async def _send(self, table: str, pending: list[Item], slot: Slot, stats: WriteStats) -> None:

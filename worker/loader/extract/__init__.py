@@ -3,20 +3,32 @@
 Both halves come from a Lambda layer in production, so both are named by
 ``module:attribute`` strings (``OUTPUT_FILE_MESSAGE`` and ``TABLE_EXTRACT``)
 and default to the bundled reference schema and ``processOutputData``.
+
+**Streaming.** When the ``TABLE_EXTRACT`` module also defines
+``iterOutputData(data: bytes) -> Iterable[(table, rows)]``, the loader uses it
+instead: it decodes the bytes itself (``OUTPUT_FILE_MESSAGE`` is not used)
+and yields slices of rows, table after table, so memory holds the file's bytes
+and a few slices, never the whole file as dicts. Its result may carry
+``table_names`` (every table, known before any row is parsed); the loader then
+checks the file's tables before it creates one. Without ``iterOutputData``,
+``processOutputData`` gets the whole decoded message and returns every row at
+once: the memory-hungry path.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import DecodeError, Message
 
 from worker.core.errors import ConfigError, CorruptObject, ExtractFailed, WorkerError
 
 Rows = dict[str, list[dict[str, Any]]]
+Slice = tuple[str, list[dict[str, Any]]]  # (table name, some of its rows)
+SLICE_ROWS = 4096
 
 
 def load_plugin(spec: str, variable: str) -> Any:
@@ -43,6 +55,7 @@ class Extractor:
 
     message_class: type[Message]
     process: Callable[[Any], Rows]
+    iterate: Callable[[bytes | bytearray], Iterable[Slice]] | None = None
 
     @classmethod
     def from_specs(cls, message_spec: str, extract_spec: str) -> Extractor:
@@ -57,12 +70,30 @@ class Extractor:
             raise ConfigError(
                 f"TABLE_EXTRACT={extract_spec!r} is not callable", variable="TABLE_EXTRACT"
             )
-        return cls(message_class=message_class, process=process)
+        module = importlib.import_module(extract_spec.partition(":")[0])
+        iterate = getattr(module, "iterOutputData", None)
+        return cls(
+            message_class=message_class,
+            process=process,
+            iterate=iterate if callable(iterate) else None,
+        )
 
-    def decode(self, data: bytes) -> Message:
+    def stream(self, data: bytes | bytearray) -> Tables:
+        """The file's rows as slices: streamed when the extract can, else the whole
+        file extracted at once and then sliced."""
+        if self.iterate is None:
+            return WholeFile(self.extract(data))
+        try:
+            return Tables(self.iterate(data))
+        except WorkerError:
+            raise
+        except Exception as exc:  # any plugin failure is this input's failure
+            raise ExtractFailed(f"iterOutputData raised {exc!r}") from exc
+
+    def decode(self, data: bytes | bytearray) -> Message:
         message = self.message_class()
         try:
-            message.ParseFromString(data)
+            message.ParseFromString(cast(bytes, data))  # upb reads any buffer, uncopied
         except DecodeError as exc:
             raise CorruptObject(
                 f"not a valid {self.message_class.DESCRIPTOR.full_name}: {exc}"
@@ -74,7 +105,7 @@ class Extractor:
             )
         return message
 
-    def extract(self, data: bytes) -> Rows:
+    def extract(self, data: bytes | bytearray) -> Rows:
         """Decode and extract; CPU-bound, so callers run it in a thread."""
         message = self.decode(data)
         try:
@@ -86,3 +117,47 @@ class Extractor:
         if not isinstance(tables, dict):
             raise ExtractFailed(f"TABLE_EXTRACT returned {type(tables).__name__}, not a dict")
         return tables
+
+
+class Tables:
+    """Slices of rows from an extract, checked as they come; ``table_names`` when
+    the extract knows them up front."""
+
+    def __init__(self, slices: Iterable[Slice]) -> None:
+        self._slices = slices
+        names = getattr(slices, "table_names", None)
+        self.table_names: list[str] | None = None if names is None else list(names)
+
+    def __iter__(self) -> Iterator[Slice]:
+        iterator = iter(self._slices)
+        while True:
+            try:
+                got = next(iterator, None)
+            except WorkerError:
+                raise
+            except Exception as exc:
+                raise ExtractFailed(f"iterOutputData raised {exc!r}") from exc
+            if got is None:
+                return
+            if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], list)):
+                raise ExtractFailed(
+                    f"iterOutputData yielded {type(got).__name__}, not (name, rows)"
+                )
+            yield got
+
+
+class WholeFile(Tables):
+    """A whole-file extract's tables, handed out in slices; each table's rows are
+    let go once its slices are taken."""
+
+    def __init__(self, tables: Rows) -> None:
+        super().__init__(())
+        self._tables = tables
+        self.table_names = list(tables)
+
+    def __iter__(self) -> Iterator[Slice]:
+        while self._tables:
+            name = next(iter(self._tables))
+            rows = self._tables.pop(name)
+            for start in range(0, len(rows), SLICE_ROWS):
+                yield name, rows[start : start + SLICE_ROWS]
