@@ -27,6 +27,7 @@ from typing import Any
 import boto3
 import orjson
 
+from benchmarks.memory import memory
 from benchmarks.servers import moto_process, sink_process
 from worker.entry.sample import sample_file
 from worker.loader.tables import OWNER_TAG
@@ -162,62 +163,6 @@ def cold_start(env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def memory(env: dict[str, str], sizes_mb: list[int], scratch: Path) -> list[dict[str, Any]]:
-    """Peak RSS (VmHWM) of ``worker load FILE`` (DynamoDB: the sink) per decoded file size.
-
-    The files are made by ``worker sample`` in a process of their own, so the
-    harness never holds them."""
-    results = []
-    env = {**env, "MAX_OBJECT_BYTES": str(8 * 2**30), "MAX_DECODED_BYTES": str(8 * 2**30)}
-    for size in sizes_mb:
-        rows = size * 100_000 // 10  # the sample's rows run at about 100 bytes each
-        path = scratch / f"mem-{size}.pb"
-        subprocess.run(
-            [sys.executable, "-m", "worker", "sample", str(path), "--rows", str(rows),
-             "--tables", str(TABLES)],
-            cwd=ROOT, env=env, check=True, capture_output=True, timeout=3600,
-        )  # fmt: skip
-        done = subprocess.run(
-            [sys.executable, "-c", MEASURED_LOAD, str(path)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
-        )  # fmt: skip
-        peak_kb = next(
-            (
-                int(line.split()[1])
-                for line in done.stderr.splitlines()
-                if line.startswith("VmHWM:")
-            ),
-            0,
-        )
-        decoded_mb, peak_mb = path.stat().st_size / 2**20, peak_kb / 1024
-        results.append(
-            {
-                "decoded_mb": round(decoded_mb, 1),
-                "rows": rows,
-                "peak_rss_mb": round(peak_mb, 1),
-                "ratio": round(peak_mb / decoded_mb, 2),
-                "exit": done.returncode,
-            }
-        )
-        print(
-            f"  {decoded_mb:7.1f} MB decoded -> peak RSS {peak_mb:8.1f} MB "
-            f"({peak_mb / decoded_mb:.1f}x), exit {done.returncode}",
-            flush=True,
-        )
-        path.unlink()
-    return results
-
-
-MEASURED_LOAD = """
-import sys
-from worker.entry.cli import main
-code = main(["load", sys.argv[1]])
-with open("/proc/self/status") as status:
-    sys.stderr.write("".join(line for line in status if line.startswith("VmHWM:")))
-raise SystemExit(code)
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000)
@@ -225,7 +170,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes: proves every contender runs"
     )
-    parser.add_argument("--memory-mb", type=int, nargs="*", default=[10, 100, 400])
+    parser.add_argument("--memory-mb", type=int, nargs="*", default=[70, 300, 1000])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.quick:

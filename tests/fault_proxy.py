@@ -101,6 +101,23 @@ class ForwardingProxy:
             return response.status, kept, await response.read()
 
 
+class OneAtATime(ForwardingProxy):
+    """Forwards one request at a time. moto's DynamoDB is not thread-safe: two
+    concurrent updates of one item (an ADD to a run's counter from two loaders)
+    can lose one, where DynamoDB serialises them. In front of moto, this gives
+    the per-item atomicity the code relies on, while the callers still race."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self._one: asyncio.Lock | None = None  # made on the proxy's own loop
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if self._one is None:
+            self._one = asyncio.Lock()
+        async with self._one:
+            return await super()._handle(request)
+
+
 class FaultProxy(ForwardingProxy):
     """Behaves as DynamoDB does under load, in front of moto or dynalite."""
 

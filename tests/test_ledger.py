@@ -17,6 +17,7 @@ import pytest
 
 from tests import factories as f
 from tests.conftest import BUCKET, events, scan
+from tests.fault_proxy import OneAtATime
 from worker.core.aws import Clients
 from worker.core.config import LedgerSettings, Settings
 from worker.entry.runtime import make_api, make_loader
@@ -166,14 +167,21 @@ async def test_every_message_delivered_twice_counts_once_and_completes_once(
 
 @pytest.mark.parametrize("attempt", range(3))
 async def test_two_loaders_racing_on_one_run_leave_exact_counters(
-    ledger_settings: Settings, call: Call, s3: Any, attempt: int
+    ledger_settings: Settings,
+    call: Call,
+    s3: Any,
+    attempt: int,
+    moto: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     put_files(s3, 12, rows=1)
     run_id = (await submit(call, idempotency_key=f"race-{attempt}"))["runId"]
     records = receive_all(ledger_settings.ledger.loader_queue_url, count=12)
     assert len(records) == 12
     halves = [records[0::2], records[1::2]]
-    failures = await asyncio.gather(*(load(ledger_settings, half) for half in halves))
+    with OneAtATime(moto) as dynamodb:  # DynamoDB's per-item atomicity, which moto lacks
+        monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", dynamodb.url)
+        failures = await asyncio.gather(*(load(ledger_settings, half) for half in halves))
     assert failures == [[], []]
     run = await run_of(call, run_id)
     assert (run["status"], run["processedFiles"], run["failedFiles"]) == ("success", 12, 0)

@@ -163,3 +163,17 @@ def _slowly(process: Any) -> Any:
         return process(message)
 
     return slow
+
+
+@pytest.mark.parametrize("size", [0, 100, 8 * MiB, 8 * MiB + 1, 20 * MiB])
+def test_gzip_inflates_in_steps_and_round_trips(size: int) -> None:
+    import gzip
+    import random
+
+    from worker.loader.s3_reader import Limits, gunzip_if_needed
+
+    raw = random.Random(size).randbytes(size // 2) + b"a" * (size - size // 2)
+    members = gzip.compress(raw[: size // 3]) + gzip.compress(raw[size // 3 :])
+    for packed in (gzip.compress(raw), members):
+        out, gzipped = gunzip_if_needed(packed, Limits(10**10, 10**10))
+        assert gzipped and bytes(out) == raw

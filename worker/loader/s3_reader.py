@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from worker.loader.budget import ByteBudget
 
 CHUNK = 1024 * 1024
+_STEP = 8 * CHUNK  # gunzipped bytes produced per step
 Data = bytes | bytearray  # a decoded object: never copied once it is whole
 GZIP_MAGIC = b"\x1f\x8b"
 _UNAVAILABLE = frozenset(
@@ -181,21 +182,29 @@ class _Gunzip:
         self._open = False  # inside a member whose end we have not seen
 
     def feed(self, chunk: bytes, out: bytearray) -> None:
+        """Inflate ``chunk`` into ``out`` at most ``_STEP`` bytes at a time: one
+        call for a whole file would hold its output twice (a bytes, then ``out``)."""
         data = chunk
-        while data:
+        while True:
             self._open = True
+            step = min(self._cap - len(out) + 1, _STEP)
             try:
-                out += self._inflater.decompress(data, self._cap - len(out) + 1)
+                piece = self._inflater.decompress(data, step)
             except zlib.error as exc:
                 raise CorruptObject(f"gzip stream is corrupt: {exc}") from None
+            out += piece
             if len(out) > self._cap:
                 raise self._limits.too_large(len(out), "gunzipped size")
             if self._inflater.eof:  # a member ended; another may follow
                 data = self._inflater.unused_data
                 self._inflater = zlib.decompressobj(wbits=31)
                 self._open = False
+                if not data:
+                    return
             else:
                 data = self._inflater.unconsumed_tail
+                if not data and len(piece) < step:  # all input in, no output pending
+                    return
 
     def finish(self) -> None:
         if self._open:
