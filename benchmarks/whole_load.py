@@ -50,6 +50,7 @@ def main() -> None:
            "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
            "LOG_LEVEL": "ERROR", "SOURCE_BUCKETS": "*"}  # fmt: skip
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # for prepare
     data = sample_file(rows=args.rows, tables=8).SerializeToString()
     with tempfile.TemporaryDirectory() as scratch, moto_process() as moto, sink_process() as sink:
         path = Path(scratch) / "sample.pb"
