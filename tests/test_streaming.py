@@ -177,3 +177,28 @@ def test_gzip_inflates_in_steps_and_round_trips(size: int) -> None:
     for packed in (gzip.compress(raw), members):
         out, gzipped = gunzip_if_needed(packed, Limits(10**10, 10**10))
         assert gzipped and bytes(out) == raw
+
+
+def test_after_start_up_the_collector_runs_less_often_and_still_frees_cycles() -> None:
+    import gc
+    import weakref
+
+    from worker.entry.runtime import GC_THRESHOLD, settle_memory
+
+    before = gc.get_threshold()
+    try:
+        settle_memory()
+        settle_memory()  # idempotent: frozen once
+        assert gc.get_threshold() == GC_THRESHOLD and gc.get_freeze_count() > 0
+
+        class Node:
+            link: Any = None
+
+        node = Node()
+        node.link = node  # a cycle: only the collector can free it
+        ref = weakref.ref(node)
+        del node
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.set_threshold(*before)
