@@ -499,6 +499,10 @@ def test_an_unreadable_part_stops_the_apply_with_one_line_until_it_is_quarantine
     assert moved.returncode == 0 and "_quarantine" in moved.stdout, moved.stderr
     assert any('"lake_part_quarantined"' in line for line in moved.stderr.splitlines())
     assert apply(target).parts and live(target) == {"a": 1, "b": 2}
+    elsewhere = lake_cli("quarantine", "--source", SOURCE, "--part", "other/part-y.json.gz")
+    assert elsewhere.returncode == 1 and elsewhere.stderr.splitlines() == [
+        f"worker lake: error: --part 'other/part-y.json.gz' is not a part under {SOURCE}"
+    ]
     s3 = boto3.client("s3")
     assert s3.get_object(Bucket=LAKE, Key=part.replace("cdc/src/", "cdc/src/_quarantine/"))
 

@@ -202,3 +202,18 @@ def test_after_start_up_the_collector_runs_less_often_and_still_frees_cycles() -
         assert ref() is None
     finally:
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize(
+    ("data", "says"), [(b"bad", r"yielded str, not \(name, rows\)"), (b"raise", "the plugin broke")]
+)
+def test_a_streaming_extract_that_misbehaves_fails_its_file_only(data: bytes, says: str) -> None:
+    from worker.core.errors import ExtractFailed
+    from worker.loader.extract import Extractor
+
+    extractor = Extractor.from_specs(
+        "worker.loader.extract.outputfile_pb2:OutputFile", "tests.stream_plugins:processOutputData"
+    )
+    assert extractor.iterate is not None
+    with pytest.raises(ExtractFailed, match=says):
+        list(extractor.stream(data))
