@@ -166,7 +166,7 @@ class RulesModel:
         for change in rules.latest_per_key(flat, ["key"]):
             key, sequence, delete = change["key"], change[seq], change["delete"]
             tombstone = self.tombstones.get(key)
-            if tombstone is not None and sequence <= tombstone:
+            if not rules.survives(sequence, tombstone):
                 continue  # cdc_rules.NOT_TOMBSTONED
             live = self.rows.get(key, {}).get(seq)
             action = rules.decide(sequence, delete, live, tombstone)

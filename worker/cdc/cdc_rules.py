@@ -67,6 +67,11 @@ def padded_sequence(sequence_number: str | int) -> str:
     return text.zfill(SEQUENCE_WIDTH)
 
 
+def survives(sequence: str, tombstone: str | None) -> bool:
+    """Whether a change is newer than its key's tombstone (``NOT_TOMBSTONED``)."""
+    return tombstone is None or sequence > tombstone
+
+
 def decide(
     sequence: str, is_delete: bool, live: str | None, tombstone: str | None
 ) -> Action | None:
@@ -75,7 +80,7 @@ def decide(
 
     This is the rule the MERGE conditions above express; the tests hold the SQL
     to it."""
-    if tombstone is not None and sequence <= tombstone:
+    if not survives(sequence, tombstone):
         return None  # older than (or the same as) an applied delete
     if live is None:
         return None if is_delete else "insert"

@@ -239,7 +239,7 @@ def _survives(
     row: Mapping[str, Any], keys: list[str], tombstones: dict[tuple[Any, ...], str]
 ) -> bool:
     tombstone = tombstones.get(tuple(row[k] for k in keys))
-    return tombstone is None or row[rules.SEQUENCE_COLUMN] > tombstone  # rules.NOT_TOMBSTONED
+    return rules.survives(row[rules.SEQUENCE_COLUMN], tombstone)
 
 
 def _applied_parts(lake: Lake, table: DeltaTable | None, source: str) -> tuple[set[str], set[str]]:
@@ -438,16 +438,16 @@ def maintain(
     sidecars. Each commit is retried on a conflict with a concurrent apply."""
     lake = Lake(target, storage_options)
     result = MaintainResult()
-    if lake.load(target) is None:
+    tables = {uri: lake.load(uri) for uri in (target, lake.tombstones, lake.progress)}
+    if tables[target] is None:
         raise LakeError(f"no Delta table at {target}", target=target)
-    tombstones = lake.load(lake.tombstones)
+    tombstones = tables[lake.tombstones]
     if tombstones is not None:
         cutoff = (now or datetime.now(UTC)) - timedelta(hours=tombstone_retention_hours)
         predicate = f"{rules.EVENT_TIME_COLUMN} < '{cutoff:%Y-%m-%dT%H:%M:%S.%fZ}'"
         expired = _retry_commits(lambda: tombstones.delete(predicate), tombstones)
         result.tombstones_expired = int(expired.get("num_deleted_rows", 0))
-    for uri in (target, lake.tombstones, lake.progress):
-        table = lake.load(uri)
+    for uri, table in tables.items():
         if table is None:
             continue
         result.compacted[uri] = _retry_commits(table.optimize.compact, table)

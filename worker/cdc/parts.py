@@ -20,6 +20,7 @@ import orjson
 from botocore.exceptions import ClientError
 
 from worker.cdc import cdc_rules as rules
+from worker.cdc.buffer import PARQUET_JSON_COLUMNS
 from worker.core.aws import error_code
 from worker.core.errors import LakeError
 from worker.core.log import get_logger
@@ -31,7 +32,6 @@ log = get_logger(__name__)
 
 PART_SUFFIXES = (".json.gz", ".parquet")
 QUARANTINE = "_quarantine"
-JSON_COLUMNS = ("keys", "new_image", "old_image")  # JSON text in Parquet parts
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -105,7 +105,7 @@ def decode_part(key: str, data: bytes) -> list[dict[str, Any]]:
         except (pa.ArrowException, KeyError) as exc:
             raise ValueError(f"not a Parquet part: {exc}") from None
         for change in changes:
-            for name in JSON_COLUMNS:
+            for name in PARQUET_JSON_COLUMNS:
                 if isinstance(change.get(name), str):
                     change[name] = orjson.loads(change[name])
     else:

@@ -54,8 +54,7 @@ def decoded_cap(settings: Settings, *, streamed: bool) -> tuple[int, str]:
     limit = memory_limit(settings)
     if limit is None:
         return DEFAULT_DECODED_CAP, ""
-    ratio = STREAMED_RATIO if streamed else WHOLE_FILE_RATIO
-    cap = max(MiB, int((limit - RESERVED) / ratio))
+    cap = _what_fits(limit, streamed=streamed)
     advice = (
         f" (derived from this process's {limit // MiB} MB of memory: load larger files "
         "with the ECS poller on a larger task, or give the function more memory)"
@@ -68,8 +67,11 @@ def budget_bytes(settings: Settings, *, streamed: bool) -> int | None:
     if settings.max_bytes_in_flight is not None:
         return settings.max_bytes_in_flight
     limit = memory_limit(settings)
-    if limit is None:
-        return None
+    return None if limit is None else _what_fits(limit, streamed=streamed)
+
+
+def _what_fits(limit: int, *, streamed: bool) -> int:
+    """The decoded bytes that fit in ``limit`` bytes of memory, by the extract's ratio."""
     return max(MiB, int((limit - RESERVED) / (STREAMED_RATIO if streamed else WHOLE_FILE_RATIO)))
 
 
