@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -10,11 +11,12 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import boto3
+import orjson
 import pytest
 from moto.server import ThreadedMotoServer
 from structlog.contextvars import merge_contextvars
@@ -23,7 +25,10 @@ from structlog.testing import capture_logs
 from tests.fault_proxy import FaultProxy
 from worker.core.aws import Clients
 from worker.core.backoff import Backoff
-from worker.core.config import Settings, WritePath, WriteSettings
+from worker.core.config import LedgerSettings, Settings, WritePath, WriteSettings
+from worker.entry.runtime import make_api
+from worker.ledger.api import Api, Request
+from worker.ledger.store import setup_tables
 from worker.loader.ddb_http import BatchWriteClient, batch_write_client
 from worker.loader.pipeline import Loader
 from worker.loader.tables import OWNER_TAG
@@ -216,3 +221,47 @@ def install_runtime() -> Iterator[Callable[[Settings], Callable[..., Any]]]:
     lambda_entry._runtime = None
     for runtime in runtimes:
         runtime.close()
+
+
+# --- the run ledger ----------------------------------------------------------------------
+
+Call = Callable[..., Awaitable[tuple[int, dict[str, Any]]]]
+
+
+@pytest.fixture
+async def ledger_settings(moto: str, settings: Settings, prefix: str) -> Settings:
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName=f"{prefix}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]
+    policy = {"deadLetterTargetArn": dlq_arn["QueueArn"], "maxReceiveCount": "3"}
+    queue = sqs.create_queue(
+        QueueName=f"{prefix}-loads", Attributes={"RedrivePolicy": orjson.dumps(policy).decode()}
+    )["QueueUrl"]
+    ledger = LedgerSettings(
+        run_table=f"{prefix}-runs",
+        file_table=f"{prefix}-files",
+        dataset_table=f"{prefix}-datasets",
+        loader_queue_url=queue,
+        max_receives=3,
+    )
+    async with Clients(max_in_flight=4) as clients:
+        await setup_tables(clients.dynamodb, ledger)
+    return dataclasses.replace(settings, ledger=ledger)
+
+
+@pytest.fixture
+def api(ledger_settings: Settings, clients: Clients) -> Api:
+    return make_api(ledger_settings, clients)
+
+
+@pytest.fixture
+def call(api: Api) -> Call:
+    async def request(
+        method: str, path: str, body: Any = None, *, raw: bytes | None = None, **query: str
+    ) -> tuple[int, dict[str, Any]]:
+        headers = {k.replace("_", "-"): v for k, v in query.items() if k == "idempotency_key"}
+        query = {k: v for k, v in query.items() if k != "idempotency_key"}
+        data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
+        return await api.handle(Request(method, path, query, headers, data))
+
+    return request

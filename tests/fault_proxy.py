@@ -249,3 +249,38 @@ def signature_problem(request: web.Request, body: bytes) -> str | None:
         auth.string_to_sign(rebuilt, auth.canonical_request(rebuilt)), rebuilt
     )
     return None if expected == signature else "signature does not match"
+
+
+@dataclass
+class Fault:
+    """Answer ``times`` requests of ``operation`` whose body holds ``marker`` with
+    ``status`` and the DynamoDB error ``kind`` (and ``extra`` fields)."""
+
+    operation: str
+    marker: bytes
+    status: int
+    kind: str
+    times: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    hits: int = 0
+
+
+class DynamoFaults(OneAtATime):
+    """In front of moto's DynamoDB, one request at a time (as ``OneAtATime``):
+    answers the requests that a ``Fault`` matches with its error, forwards the rest."""
+
+    def __init__(self, upstream: str, *faults: Fault) -> None:
+        super().__init__(upstream)
+        self.faults = list(faults)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        operation = request.headers.get("X-Amz-Target", "").rpartition(".")[2]
+        body = await request.read()
+        for fault in self.faults:
+            if fault.operation == operation and fault.marker in body and fault.hits < fault.times:
+                fault.hits += 1
+                doc = {"__type": f"com.amazonaws.dynamodb.v20120810#{fault.kind}",
+                       "message": "fault injected", **fault.extra}  # fmt: skip
+                return web.Response(status=fault.status, body=orjson.dumps(doc),
+                                    content_type="application/x-amz-json-1.0")  # fmt: skip
+        return await super()._handle(request)

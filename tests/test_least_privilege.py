@@ -166,6 +166,8 @@ def test_every_call_is_granted_to_its_role_and_every_grant_is_used(
     assert submit("2026-11-21")["resolvedFiles"] == 1
     empty = submit("2026-11-24")  # no files: it ends at once, and cannot be cancelled
     assert api(http_event("POST", f"/runs/{empty['runId']}/cancel"), context)["statusCode"] == 409
+    swept = api(f.scheduled_event(), context)  # the sweep, on its EventBridge schedule
+    assert swept["open_runs"] == 1 and swept["stalled_files"] == 0
 
     # the loader as Lambda (LoaderFunctionRole): the run's file makes table a; an
     # object named by its version

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -16,61 +17,25 @@ import orjson
 import pytest
 
 from tests import factories as f
-from tests.conftest import BUCKET, events, scan
+from tests.conftest import BUCKET, Call, events, scan
 from tests.fault_proxy import OneAtATime
 from worker.core.aws import Clients
-from worker.core.config import LedgerSettings, Settings
-from worker.entry.runtime import make_api, make_loader
-from worker.ledger.api import Api, Request, serve
+from worker.core.config import Settings
+from worker.entry.runtime import make_loader
+from worker.ledger.api import Api, serve
 from worker.ledger.models import file_id
-from worker.ledger.store import setup_tables
 from worker.loader.batch import handle_batch
 from worker.loader.messages import parse_body
 
 DATASET = "sales"
 DAY = "2026-11-21"
-Call = Callable[..., Awaitable[tuple[int, dict[str, Any]]]]
 RUN = {"datasetName": "sales", "businessDate": DAY}
 INVALID, BAD = "validation_error", "invalid_request"
-
-
-@pytest.fixture
-async def ledger_settings(moto: str, settings: Settings, prefix: str) -> Settings:
-    sqs = boto3.client("sqs")
-    dlq = sqs.create_queue(QueueName=f"{prefix}-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]
-    policy = {"deadLetterTargetArn": dlq_arn["QueueArn"], "maxReceiveCount": "3"}
-    queue = sqs.create_queue(
-        QueueName=f"{prefix}-loads", Attributes={"RedrivePolicy": orjson.dumps(policy).decode()}
-    )["QueueUrl"]
-    ledger = LedgerSettings(
-        run_table=f"{prefix}-runs",
-        file_table=f"{prefix}-files",
-        dataset_table=f"{prefix}-datasets",
-        loader_queue_url=queue,
-        max_receives=3,
-    )
-    async with Clients(max_in_flight=4) as clients:
-        await setup_tables(clients.dynamodb, ledger)
-    return dataclasses.replace(settings, ledger=ledger)
-
-
-@pytest.fixture
-def api(ledger_settings: Settings, clients: Clients) -> Api:
-    return make_api(ledger_settings, clients)
-
-
-@pytest.fixture
-def call(api: Api) -> Call:
-    async def request(
-        method: str, path: str, body: Any = None, *, raw: bytes | None = None, **query: str
-    ) -> tuple[int, dict[str, Any]]:
-        headers = {k.replace("_", "-"): v for k, v in query.items() if k == "idempotency_key"}
-        query = {k: v for k, v in query.items() if k != "idempotency_key"}
-        data = raw if raw is not None else (b"" if body is None else orjson.dumps(body))
-        return await api.handle(Request(method, path, query, headers, data))
-
-    return request
+DEEP: Any = {}
+for _ in range(200):
+    DEEP = {"a": DEEP}
+LOC = "location"
+TYPES = base64.urlsafe_b64encode(orjson.dumps({"runId": {"S": 5}})).decode()
 
 
 def put_files(s3: Any, count: int, *, day: str = DAY, rows: int = 2, corrupt: int = 0) -> None:
@@ -259,8 +224,10 @@ async def test_the_same_idempotency_key_gives_one_run_one_set_of_files_and_messa
     assert len(receive_all(ledger_settings.ledger.loader_queue_url)) == 3
     files = boto3.client("dynamodb").scan(TableName=ledger_settings.ledger.file_table)["Items"]
     assert len(files) == 3
-    status, other = await call("POST", "/runs", body)
-    assert status == 201 and other["runId"] != first["runId"]
+    status, other = await call("POST", "/runs", body | {"metadata": {"other": True}},
+                               idempotency_key="k-1")  # fmt: skip
+    assert status == 422 and other["details"][0]["field"] == "Idempotency-Key"
+    assert "k-1" in other["message"]
 
 
 async def test_a_run_with_more_files_than_a_page_pages_through_all(
@@ -358,6 +325,16 @@ async def test_every_route_answers_its_happy_path(call: Call, s3: Any) -> None:
         ("GET", "/runs", None, {"status": "lost"}, 400, "validation_error", None),
         ("GET", "/runs", None, {"status": "failed", "nextToken": "%%%"}, 400, BAD, "nextToken"),
         ("GET", "/runs", None, {"status": "failed", "limit": "0"}, 400, BAD, "limit"),
+        ("GET", "/runs", None, {"status": "failed", "limit": "\u00b2"}, 400, BAD, "limit"),
+        ("GET", "/runs", None, {"status": "failed", "nextToken": TYPES}, 400, BAD, "nextToken"),
+        ("GET", "/runs/" + "a" * 65, None, {}, 404, "not_found", None),
+        ("POST", "/runs", RUN | {"metadata": DEEP}, {}, 400, INVALID, "metadata"),
+        ("POST", "/runs", orjson.dumps(RUN | {"metadata": [1e40]}), {}, 400, INVALID, "metadata"),
+        ("PUT", "/datasets/sales", {LOC: "s3://b1/{datasetName:>400000}/"}, {}, 400, INVALID, LOC),
+        ("PUT", "/datasets/sales", {LOC: "s3://b1/{businessDate!r}/"}, {}, 400, INVALID, LOC),
+        ("PUT", "/datasets/sales", {"location": "s3://b1/{0}/"}, {}, 400, INVALID, LOC),
+        ("PUT", "/datasets/sales", {"location": "s3://Bad_Bucket/x/"}, {}, 400, INVALID, LOC),
+        ("PUT", "/datasets/sales", {"location": "s3://192.168.0.1/x/"}, {}, 400, INVALID, LOC),
     ],
 )  # fmt: skip
 async def test_every_error_has_its_status_and_names_the_field(
@@ -476,21 +453,3 @@ def test_the_cli_sets_up_submits_shows_and_refuses_in_one_line(
     assert worker("runs", "cancel", run["runId"], env=env).returncode == 0
     one_line_error(worker("runs", "cancel", run["runId"], env=env), 1, "has ended")
     one_line_error(worker("setup", "ledger"), 2, "RUN_TABLE_NAME")
-
-
-async def test_a_run_whose_dispatch_fails_ends_failed_not_pending_forever(
-    ledger_settings: Settings, clients: Clients, s3: Any, prefix: str
-) -> None:
-    put_files(s3, 2)
-    nowhere = dataclasses.replace(
-        ledger_settings.ledger, loader_queue_url=f"{ledger_settings.ledger.loader_queue_url}-gone"
-    )
-    api = make_api(dataclasses.replace(ledger_settings, ledger=nowhere), clients)
-    location = {"location": f"s3://{BUCKET}/raw/{{datasetName}}/{{businessDate}}/"}
-    await api.handle(Request("PUT", f"/datasets/{DATASET}", body=orjson.dumps(location)))
-    run = orjson.dumps({"datasetName": DATASET, "businessDate": DAY})
-    status, answer = await api.handle(Request("POST", "/runs", body=run))
-    assert status == 503 and answer["error"] == "transient_aws_error"
-    (stored,) = boto3.client("dynamodb").scan(TableName=nowhere.run_table)["Items"]
-    assert stored["status"] == {"S": "failed"}
-    assert stored["error"]["M"]["reason"] == {"S": "dispatch_failed"}

@@ -150,6 +150,9 @@ AWS_FAILURES: tuple[type[BaseException], ...] = (
     *ENVIRONMENT_FAILURES,
 )
 
+# Any failure of an AWS call at all, a parameter botocore refuses included.
+ANY_AWS_FAILURE: tuple[type[BaseException], ...] = (*AWS_FAILURES, botocore_errors.BotoCoreError)
+
 THROTTLING_CODES = frozenset(
     {
         "ProvisionedThroughputExceededException",
@@ -175,6 +178,15 @@ def is_loopback(endpoint_url: str | None) -> bool:
 
 def error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an AWS call that raised ``exc`` may succeed if sent again: a throttle,
+    a 5xx or a broken connection. Anything else (a refusal, a missing bucket or
+    queue, a parameter AWS rejects) will fail the same way every time."""
+    if isinstance(exc, ClientError):
+        return error_code(exc) in THROTTLING_CODES or is_server_error(exc)
+    return isinstance(exc, TRANSIENT_EXCEPTIONS)
 
 
 def is_server_error(exc: ClientError) -> bool:

@@ -162,6 +162,9 @@ class LedgerSettings:
     environment: Environment = "staging"
     loader_queue_url: str = ""
     max_receives: int = 5  # the loader queue's maxReceiveCount: the last receive fails a file
+    dispatch_timeout_s: int = 180  # a dispatch silent this long is resumed by the sweep
+    max_age_h: int = 24  # a run open this long is failed by the sweep (expired)
+    stall_margin_s: int = 300  # added to visibility x maxReceiveCount to call a file stalled
 
     @property
     def enabled(self) -> bool:
@@ -340,6 +343,11 @@ def _ledger(env: Mapping[str, str]) -> LedgerSettings:
         ),
         loader_queue_url=_text(env, "LOADER_QUEUE_URL"),
         max_receives=_int(env, "LOADER_MAX_RECEIVES", d.max_receives, maximum=1000),
+        dispatch_timeout_s=_int(
+            env, "RUN_DISPATCH_TIMEOUT_S", d.dispatch_timeout_s, minimum=10, maximum=86_400
+        ),
+        max_age_h=_int(env, "RUN_MAX_AGE_H", d.max_age_h, maximum=24 * 366),
+        stall_margin_s=_int(env, "RUN_STALL_MARGIN_S", d.stall_margin_s, minimum=0, maximum=86_400),
     )
 
 

@@ -20,9 +20,11 @@ what the caller should do with the message that caused it::
         │   └── TableNotOwned     a table the loader did not create (ledger, cache, others')
         ├── UnsupportedEvent      a Lambda event of a shape no route knows
         ├── LakeError             a Delta apply that cannot proceed (bad part, missing bucket)
+        ├── DispatchFailed        a run's files cannot be listed or sent (no bucket, no queue)
         └── InvalidRequest        an API request that breaks the contract (400)
             ├── NotFound          no such dataset, run or route (404)
-            └── Conflict          the run has ended: it cannot change (409)
+            ├── Conflict          the run has ended, or another run of the date is open (409)
+            └── Unprocessable     an Idempotency-Key reused with another request (422)
 
 Entry points map the tree to exit codes: ``ConfigError`` is 2 (a usage or
 configuration problem), every other ``WorkerError`` 1.
@@ -125,6 +127,10 @@ class LakeError(PermanentError):
     reason = "lake_error"
 
 
+class DispatchFailed(PermanentError):
+    reason = "dispatch_failed"
+
+
 class InvalidStreamRecord(PermanentError):
     reason = "invalid_stream_record"
 
@@ -144,3 +150,8 @@ class NotFound(InvalidRequest):
 class Conflict(InvalidRequest):
     reason = "conflict"
     status = 409
+
+
+class Unprocessable(InvalidRequest):
+    reason = "unprocessable"
+    status = 422

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import signal
 import sys
 from collections import Counter
@@ -24,7 +25,7 @@ RUN_STATUSES = ("pending", "dispatched", "processing", "success", "failed", "can
 
 COMMANDS = {
     "datasets": "register where a dataset's files live",
-    "runs": "submit, inspect, list and cancel dataset runs",
+    "runs": "submit, inspect, list, cancel and sweep dataset runs",
     "api": "serve the ledger's HTTP API on 127.0.0.1 (the Lambda's routes, for local use)",
 }
 
@@ -53,6 +54,9 @@ def add_commands(commands: Any) -> None:
     submit.add_argument("dataset", help="the dataset's name")
     submit.add_argument("date", help="the business date, YYYY-MM-DD")
     submit.add_argument("--idempotency-key", help="the same key returns the first run")
+    submit.add_argument(
+        "--supersede", action="store_true", help="cancel the date's open run instead of refusing"
+    )
     show = command(sub, "show", "a run's counters, and its files by status")
     show.add_argument("run_id")
     listing = command(sub, "list", "runs of a dataset and date, or runs in a status")
@@ -61,6 +65,7 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--status", choices=RUN_STATUSES)
     cancel = command(sub, "cancel", "cancel a run: its remaining files are not loaded")
     cancel.add_argument("run_id")
+    command(sub, "sweep", "end what is stuck: resume dispatch, complete, fail stalled/expired")
 
     api = command(commands, "api", COMMANDS["api"])
     api.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
@@ -84,13 +89,12 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from worker.core.aws import Clients
+    from worker.entry.runtime import make_ledger
     from worker.ledger.models import DatasetIn
-    from worker.ledger.runs import Ledger
-    from worker.ledger.store import Store
 
-    settings.ledger.require(dispatch=args.command == "runs" and args.runs_command == "submit")
+    dispatch = args.command == "runs" and args.runs_command in ("submit", "sweep")
     async with Clients.from_settings(settings) as clients:
-        ledger = Ledger(Store(clients.dynamodb, settings.ledger), clients.s3, clients.sqs)
+        ledger = make_ledger(settings, clients, dispatch=dispatch)
         try:
             if args.command == "datasets":
                 dataset = DatasetIn(location=args.location, suffix=args.suffix)
@@ -104,14 +108,50 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
             return 2
 
 
+async def _submit(ledger: Ledger, args: argparse.Namespace) -> int:
+    """Exit 1 when the run ends ``failed`` (no files, a source that cannot be listed)."""
+    from worker.ledger.api import submit_view
+    from worker.ledger.models import RunIn, RunStatus
+
+    request = RunIn.model_validate(
+        {"datasetName": args.dataset, "businessDate": args.date, "supersede": args.supersede}
+    )
+    submitted = await ledger.submit(request, args.idempotency_key)
+    _print(submit_view(submitted.run))
+    if submitted.run["status"] != RunStatus.FAILED:
+        return 0
+    reason = submitted.run.get("error", {}).get("reason", "unknown")
+    print(f"worker runs submit: run {submitted.run['runId']} failed: {reason}", file=sys.stderr)
+    return 1
+
+
+async def _list(ledger: Ledger, args: argparse.Namespace) -> int:
+    from worker.ledger.models import RunStatus
+
+    if args.status:
+        page = await ledger.runs_in(RunStatus(args.status), limit=100, token=None)
+    elif args.dataset and args.date:
+        page = await ledger.runs_of(args.dataset, args.date, limit=100, token=None)
+    else:
+        print("worker runs list: error: give --dataset and --date, or --status", file=sys.stderr)
+        return 2
+    for item in page.items:
+        print(orjson.dumps(item).decode())
+    if not page.items:
+        print("no runs", file=sys.stderr)
+    return 0
+
+
 async def _runs(ledger: Ledger, args: argparse.Namespace) -> int:
-    from worker.ledger.models import FileStatus, RunIn, RunStatus
+    from worker.ledger.models import FileStatus
+    from worker.ledger.sweeper import Sweeper
 
     what = args.runs_command
     if what == "submit":
-        request = RunIn.model_validate({"datasetName": args.dataset, "businessDate": args.date})
-        submitted = await ledger.submit(request, args.idempotency_key)
-        _print({k: submitted.run[k] for k in ("runId", "status", "resolvedFiles")})
+        return await _submit(ledger, args)
+    if what == "sweep":
+        report = await Sweeper(ledger).sweep()
+        _print(dataclasses.asdict(report))
     elif what == "show":
         run = await ledger.run(args.run_id)
         counts: Counter[str] = Counter()
@@ -123,17 +163,7 @@ async def _runs(ledger: Ledger, args: argparse.Namespace) -> int:
                 break
         _print({**run, "files": {s.value: counts[s.value] for s in FileStatus}})
     elif what == "list":
-        if args.status:
-            page = await ledger.runs_in(RunStatus(args.status), limit=100, token=None)
-        elif args.dataset and args.date:
-            page = await ledger.runs_of(args.dataset, args.date, limit=100, token=None)
-        else:
-            print(
-                "worker runs list: error: give --dataset and --date, or --status", file=sys.stderr
-            )
-            return 2
-        for item in page.items:
-            print(orjson.dumps(item).decode())
+        return await _list(ledger, args)
     else:
         _print(await ledger.cancel(args.run_id))
     return 0

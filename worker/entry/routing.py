@@ -3,8 +3,9 @@
 Routes by event shape: SQS batches go to the loader, DynamoDB Streams batches
 to the streams buffer, Firehose transformation events to the Firehose
 transform, API Gateway HTTP API / function URL requests (payload 2.0) to the
-ledger's API; anything else is answered with a clear, structured error (and
-logged at ERROR), never a crash.
+ledger's API, EventBridge's scheduled events to the ledger's sweep; anything
+else is answered with a clear, structured error (and logged at ERROR), never a
+crash.
 
 Every route gets the same deadline: the invocation's remaining time less a
 safety margin of ``DEADLINE_MARGIN_MS``, scaled down to a fifth of the time
@@ -35,9 +36,10 @@ def event_kind(event: Any) -> str:
             return str(records[0].get("eventSource") or "unknown")
         if "deliveryStreamArn" in event and isinstance(event.get("records"), list):
             return "aws:firehose"
-        http = event.get("requestContext", {})
-        if event.get("version") == "2.0" and isinstance(http, dict) and "http" in http:
-            return "http"
+        if event.get("detail-type") == "Scheduled Event" and event.get("source") == "aws.events":
+            return "aws:schedule"
+        if event.get("version") == "2.0" and ("requestContext" in event or "rawPath" in event):
+            return "http"  # of any shape: the API answers a malformed one 400
     return "unknown"
 
 
@@ -62,10 +64,11 @@ async def route(rt: Runtime, event: Any, kind: str, deadline: float) -> dict[str
     if kind == "aws:firehose":
         return await (await rt.transformer()).transform(event, deadline=deadline)
     if kind == "http":
-        from worker.ledger.api import event_response, request_from_event
+        return await (await rt.api()).handle_event(event, deadline)
+    if kind == "aws:schedule":
+        from dataclasses import asdict
 
-        status, doc = await (await rt.api()).handle(request_from_event(event))
-        return event_response(status, doc)
+        return asdict(await (await rt.sweeper()).sweep(deadline))
     error = UnsupportedEvent(
         f"no route for event source {kind!r}",
         keys=sorted(map(str, event))[:10] if isinstance(event, dict) else type(event).__name__,

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
     from worker.firehose.transform import Transformer
     from worker.ledger.api import Api
+    from worker.ledger.runs import Ledger
+    from worker.ledger.sweeper import Sweeper
     from worker.loader.pipeline import Loader
 
 T = TypeVar("T")
@@ -56,6 +58,7 @@ class Runtime:
         self._loader: Loader | None = None
         self._transformer: Transformer | None = None
         self._api: Api | None = None
+        self._sweeper: Sweeper | None = None
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(coroutine)
@@ -78,6 +81,13 @@ class Runtime:
             self._api = make_api(self.settings, await self.clients())
         return self._api
 
+    async def sweeper(self) -> Sweeper:
+        if self._sweeper is None:
+            from worker.ledger.sweeper import Sweeper
+
+            self._sweeper = Sweeper(make_ledger(self.settings, await self.clients()))
+        return self._sweeper
+
     async def transformer(self) -> Transformer:
         if self._transformer is None:
             from worker.firehose.transform import Transformer
@@ -94,7 +104,7 @@ class Runtime:
     def close(self) -> None:
         """Close the clients and the loop; safe to call more than once."""
         clients, self._clients = self._clients, None
-        self._loader, self._transformer, self._api = None, None, None
+        self._loader, self._transformer, self._api, self._sweeper = None, None, None, None
         if clients is not None:
             self._runner.run(clients.aclose())
         self._runner.close()
@@ -113,15 +123,21 @@ def make_loader(settings: Settings, clients: Clients) -> Loader:
     return Loader(settings, clients, tracker=tracker)
 
 
-def make_api(settings: Settings, clients: Clients) -> Api:
-    """The ledger's API over the container's clients; its settings checked first."""
-    from worker.ledger.api import Api
+def make_ledger(settings: Settings, clients: Clients, *, dispatch: bool = True) -> Ledger:
+    """The ledger's operations over the container's clients; its settings checked first."""
     from worker.ledger.runs import Ledger
-    from worker.ledger.store import Store, table_health
+    from worker.ledger.store import Store
 
-    settings.ledger.require(dispatch=True)
+    settings.ledger.require(dispatch=dispatch)
     store = Store(clients.dynamodb, settings.ledger)
+    return Ledger(store, clients.s3, clients.sqs, source_buckets=settings.source_buckets)
+
+
+def make_api(settings: Settings, clients: Clients) -> Api:
+    """The ledger's API over the container's clients."""
+    from worker.ledger.api import Api
+    from worker.ledger.store import table_health
+
     return Api(
-        Ledger(store, clients.s3, clients.sqs),
-        lambda: table_health(clients.dynamodb, settings.ledger),
+        make_ledger(settings, clients), lambda: table_health(clients.dynamodb, settings.ledger)
     )

@@ -13,6 +13,7 @@ from, so a run that ended never changes again and no file goes backwards.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Sequence
@@ -25,6 +26,7 @@ from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import ClientError
 
 from worker.core.aws import AWS_FAILURES, error_code
+from worker.core.backoff import Backoff
 from worker.core.config import LedgerSettings
 from worker.core.errors import InvalidRequest, TransientAwsError
 from worker.core.log import get_logger
@@ -38,6 +40,8 @@ T = TypeVar("T")
 _serializer = TypeSerializer()
 _deserializer = TypeDeserializer()
 S = "S"
+# Unprocessed keys and items of the batch calls (botocore retries only whole calls).
+UNPROCESSED = Backoff(base_s=0.05, cap_s=2.0, attempts=8)
 
 
 def now_iso() -> str:
@@ -146,7 +150,10 @@ def decode_token(token: str | None) -> dict[str, Any] | None:
         raise InvalidRequest(
             "nextToken is not a token this API gave out", field="nextToken"
         ) from None
-    if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+    if not (isinstance(doc, dict) and 0 < len(doc) <= 4) or not all(
+        isinstance(k, str) and isinstance(v, dict) and list(v) == [S] and isinstance(v[S], str)
+        for k, v in doc.items()
+    ):  # every key of the ledger's tables and indexes is a string
         raise InvalidRequest("nextToken is not a token this API gave out", field="nextToken")
     return doc
 
@@ -205,6 +212,53 @@ class Store:
         )
         response = await _guarded(table, "UpdateItem", call)
         return None if response is None else from_wire(response["Attributes"])
+
+    async def batch_get(
+        self, table: str, key: str, values: list[str], attributes: str
+    ) -> list[dict[str, Any]]:
+        """BatchGetItem (consistent) of at most 100 keys, unprocessed keys asked again."""
+        pending: Any = {table: {"Keys": [{key: {S: v}} for v in values], "ConsistentRead": True,
+                                "ProjectionExpression": attributes}}  # fmt: skip
+        found: list[dict[str, Any]] = []
+        for attempt in range(1, UNPROCESSED.attempts + 1):
+            call = self.client.batch_get_item(RequestItems=pending)
+            response = await _guarded(table, "BatchGetItem", call)
+            assert response is not None, "a BatchGetItem has no condition"
+            found += [from_wire(item) for item in response.get("Responses", {}).get(table, [])]
+            if not (pending := response.get("UnprocessedKeys")):
+                return found
+            await asyncio.sleep(UNPROCESSED.delay(attempt))
+        raise TransientAwsError(f"{table}: BatchGetItem left keys unprocessed")
+
+    async def batch_put(self, table: str, docs: list[dict[str, Any]]) -> None:
+        """BatchWriteItem of at most 25 items, unprocessed items sent again."""
+        pending: Any = {table: [{"PutRequest": {"Item": to_wire(doc)}} for doc in docs]}
+        for attempt in range(1, UNPROCESSED.attempts + 1):
+            call = self.client.batch_write_item(RequestItems=pending)
+            response = await _guarded(table, "BatchWriteItem", call)
+            assert response is not None, "a BatchWriteItem has no condition"
+            if not (pending := response.get("UnprocessedItems")):
+                return
+            await asyncio.sleep(UNPROCESSED.delay(attempt))
+        raise TransientAwsError(f"{table}: BatchWriteItem left items unprocessed")
+
+    async def transact(self, items: list[dict[str, Any]]) -> list[str] | None:
+        """TransactWriteItems: None when it was written; the cancellation reasons
+        (one code per item, ``"None"`` for those that held) when a condition did
+        not hold. A cancellation for any other reason (a conflict with another
+        transaction, a throttle) is a ``TransientAwsError``: sent again, it may pass."""
+        try:
+            await self.client.transact_write_items(TransactItems=items)  # type: ignore[arg-type]
+        except ClientError as exc:
+            if error_code(exc) != "TransactionCanceledException":
+                raise TransientAwsError(f"TransactWriteItems failed: {error_code(exc)}") from exc
+            reasons = [r.get("Code") or "None" for r in exc.response.get("CancellationReasons", [])]
+            if "ConditionalCheckFailed" not in reasons:
+                raise TransientAwsError(f"TransactWriteItems cancelled: {reasons}") from exc
+            return reasons
+        except AWS_FAILURES as exc:
+            raise TransientAwsError(f"TransactWriteItems failed: {exc!r}") from exc
+        return None
 
     async def query(
         self,
