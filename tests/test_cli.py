@@ -224,3 +224,37 @@ def test_a_failed_load_prints_its_status_without_an_empty_table(moto: str, tmp_p
     assert result.returncode == 1
     assert result.stdout.splitlines() == [result.stdout.strip()]  # one line, no table header
     assert "nope.pb: FAILED object_unavailable" in result.stdout
+
+
+def test_a_port_out_of_range_is_refused_and_a_taken_one_is_one_line(moto: str) -> None:
+    import socket
+
+    refused = worker("api", "--port", "80000")
+    assert refused.returncode == 2 and "not a port (1-65535)" in refused.stderr
+    env = {"RUN_TABLE_NAME": "r", "FILE_TABLE_NAME": "f", "DATASET_TABLE_NAME": "d",
+           "LOADER_QUEUE_URL": "http://127.0.0.1/q"}  # fmt: skip
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        one_line_error(worker("api", "--port", port, env=env, timeout=30), 1, port)
+
+
+def test_a_sample_into_a_missing_directory_is_one_line() -> None:
+    one_line_error(worker("sample", "/no/such/dir/f.pb"), 1, "/no/such/dir/f.pb")
+
+
+def test_setup_firehose_cache_refuses_a_table_that_is_not_a_cache(moto: str, prefix: str) -> None:
+    import boto3
+
+    ddb = boto3.client("dynamodb")
+    name = f"{prefix}-runs"
+    ddb.create_table(
+        TableName=name, BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "runId", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "runId", "KeyType": "HASH"}],
+    )  # fmt: skip
+    result = worker("setup", "firehose-cache", env={"EVENT_CACHE_TABLE_NAME": name})
+    one_line_error(result, 2, name, "not a dedupe cache")
+    ttl = ddb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+    assert ttl["TimeToLiveStatus"] == "DISABLED"  # and never touched

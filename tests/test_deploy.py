@@ -280,3 +280,66 @@ def test_the_template_deploys_on_moto_and_what_it_made_loads_a_message(
     assert handler(f.sqs_event(record), f.LambdaContext()) == {"batchItemFailures": []}
     items = scan(boto3.client("dynamodb"), f"{prefix}_t")
     assert sorted(i["id"]["S"] for i in items) == ["x", "y"]
+
+
+_INSIGHTS_WORDS = {"fields", "filter", "stats", "count", "sort", "desc", "asc", "limit", "by",
+                   "and", "or", "not", "like", "in", "as", "bin", "display"}  # fmt: skip
+
+
+def logged_fields() -> set[str]:
+    """Every field a log line of the worker can carry: the keywords of each logger
+    call and of each bound context in the source, an error's fields, structlog's."""
+    import ast
+
+    fields = {"event", "level", "timestamp", "error", "error_message", "retriable"}
+    for path in (ROOT / "worker").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            logger = isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and (
+                func.value.id in {"log", "_metrics_log"}
+            )  # fmt: skip
+            bound = isinstance(func, ast.Name) and func.id == "bound_contextvars"
+            if logger or bound:
+                fields |= {k.arg for k in node.keywords if k.arg}
+    return fields
+
+
+def test_every_alarm_has_its_runbook_section_and_its_queries_name_fields_the_logs_carry(
+    template: dict[str, Any],
+) -> None:
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", heading.lower()).replace(" ", "-")
+        for heading in re.findall(r"^## (.+)$", runbook, re.MULTILINE)
+    }
+    alarms = {name: resource["Properties"] for name, resource in template["Resources"].items()
+              if resource["Type"] == "AWS::CloudWatch::Alarm"}  # fmt: skip
+    assert len(alarms) >= 13
+    for name, properties in alarms.items():
+        assert name.lower() in anchors, f"{name} has no section in docs/runbook.md"
+        assert f"docs/runbook.md#{name.lower()}" in properties["AlarmDescription"], name
+    fields = logged_fields()
+    queries = re.findall(r"```logs-insights\n(.*?)```", runbook, re.DOTALL)
+    assert len(queries) >= len(alarms)
+    for query in queries:
+        words = re.sub(r'"[^"]*"', "", query)
+        aliases = set(re.findall(r"\bas (\w+)", words))
+        named = set(re.findall(r"\b[a-z_][a-z0-9_]*\b", words)) - _INSIGHTS_WORDS - aliases
+        assert named <= fields, f"fields no log line carries: {named - fields} in {query}"
+
+
+def test_the_dashboard_shows_every_metric_an_alarm_watches(template: dict[str, Any]) -> None:
+    dashboard = template["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    body = orjson.loads(re.sub(r"\$\{[^}]+\}", "x", dashboard))  # valid JSON once substituted
+    shown = orjson.dumps(body["widgets"]).decode()
+    for name, resource in template["Resources"].items():
+        if resource["Type"] != "AWS::CloudWatch::Alarm":
+            continue
+        properties = resource["Properties"]
+        metrics = [m["MetricStat"]["Metric"] for m in properties.get("Metrics", [])
+                   if "MetricStat" in m]  # fmt: skip
+        for metric in [properties, *metrics]:
+            if "MetricName" in metric:
+                assert metric["MetricName"] in shown, f"{name}: {metric['MetricName']}"

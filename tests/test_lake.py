@@ -495,7 +495,8 @@ def test_an_unreadable_part_stops_the_apply_with_one_line_until_it_is_quarantine
     assert "part-x.json.gz" in line and why in line and "nothing was applied" in line
     assert live(target) == {"a": 1}  # b's good part was not applied either
     part = "cdc/src/dt=2026-11-22/hour=01/part-x.json.gz"
-    moved = lake_cli("quarantine", "--source", SOURCE, "--part", part)
+    assert f"s3://{LAKE}/{part}" in line  # the URI quarantine accepts as it is
+    moved = lake_cli("quarantine", "--source", SOURCE, "--part", f"s3://{LAKE}/{part}")
     assert moved.returncode == 0 and "_quarantine" in moved.stdout, moved.stderr
     assert any('"lake_part_quarantined"' in line for line in moved.stderr.splitlines())
     assert apply(target).parts and live(target) == {"a": 1, "b": 2}
@@ -505,6 +506,24 @@ def test_an_unreadable_part_stops_the_apply_with_one_line_until_it_is_quarantine
     ]
     s3 = boto3.client("s3")
     assert s3.get_object(Bucket=LAKE, Key=part.replace("cdc/src/", "cdc/src/_quarantine/"))
+    again = lake_cli("quarantine", "--source", SOURCE, "--part", part)
+    assert again.returncode == 0 and "already quarantined" in again.stdout, again.stderr
+
+
+def test_an_apply_of_a_source_with_no_parts_at_all_says_so_and_names_it(
+    lake: Callable[..., None], tmp_path: Path
+) -> None:
+    lake()
+    typo = SOURCE + "-typo"
+    result = lake_cli("apply", "--source", typo, "--target", str(tmp_path / "delta"))
+    assert result.returncode == 1, result.stdout
+    (line,) = result.stderr.splitlines()
+    assert f"no parts under {typo}" in line
+
+
+def test_maintain_refuses_a_retention_below_its_minimum(tmp_path: Path) -> None:
+    result = lake_cli("maintain", "--target", str(tmp_path / "delta"), "--retention-hours", "0")
+    assert result.returncode == 2 and "below the minimum" in result.stderr
 
 
 def test_maintain_compacts_vacuums_and_expires_only_old_tombstones(
@@ -594,7 +613,7 @@ def test_the_cli_maintains_with_the_retention_from_the_environment(
     kept = lake_cli("maintain", "--target", target)
     assert kept.returncode == 0 and "expired 0 tombstones" in kept.stdout, kept.stderr
     monkeypatch.setenv("LAKE_TOMBSTONE_RETENTION_HOURS", "24")
-    done = lake_cli("maintain", "--target", target, "--retention-hours", "0")
+    done = lake_cli("maintain", "--target", target, "--retention-hours", "1")
     assert done.returncode == 0 and "expired 1 tombstones" in done.stdout, done.stderr
     assert tombstones(target) == {"b": rules.padded_sequence(3)}
 

@@ -444,8 +444,20 @@ def test_the_cli_sets_up_submits_shows_and_refuses_in_one_line(
     assert (run["status"], run["resolvedFiles"]) == ("dispatched", 2)
     shown = orjson.loads(worker("runs", "show", run["runId"], env=env).stdout)
     assert shown["files"]["pending"] == 2 and shown["runId"] == run["runId"]
+    assert shown["ageSeconds"] >= 0 and "durationSeconds" not in shown  # open: no duration
     listed = worker("runs", "list", "--dataset", DATASET, "--date", DAY, env=env).stdout
     assert [orjson.loads(line)["runId"] for line in listed.splitlines()] == [run["runId"]]
+    files = worker("runs", "files", run["runId"], "--status", "pending", env=env).stdout
+    lines = [orjson.loads(line) for line in files.splitlines()]
+    assert len(lines) == 2 and {line["status"] for line in lines} == {"pending"}
+    assert all(line["location"].startswith("s3://") and line["ageSeconds"] >= 0 for line in lines)
+    none = worker("runs", "files", run["runId"], "--status", "failed", env=env)
+    assert none.returncode == 0 and none.stdout == "" and none.stderr.strip() == "no files failed"
+    empty = worker("runs", "list", "--status", "cancelled", env=env)
+    assert empty.returncode == 0 and empty.stderr.strip() == "no runs"
+    nothing = worker("runs", "submit", DATASET, "2026-01-01", env=env)  # a date with no files
+    assert nothing.returncode == 1 and orjson.loads(nothing.stdout)["status"] == "failed"
+    assert "failed: no_files" in nothing.stderr
     one_line_error(worker("runs", "submit", DATASET, "2026-13-01", env=env), 2, "businessDate")
     one_line_error(worker("runs", "show", "nosuch", env=env), 1, "no run 'nosuch'")
     one_line_error(worker("runs", "list", env=env), 2, "--status")

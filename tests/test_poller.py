@@ -374,8 +374,8 @@ async def test_the_summary_counts_rows_as_they_are_written_and_names_its_process
     assert any(0 < e["rows_written"] < 1500 and e["rows_per_s"] > 0 for e in during), during
     assert {e["pid"] for e in events(logs, "poller_summary")} == {os.getpid()}
     metrics = events(logs, "metrics")
-    assert metrics and metrics[0]["Service"] == "poller"
-    assert {"RowsWritten", "MessagesFailed"} <= {
+    assert metrics and metrics[0]["Service"] == "loader"
+    assert {"RowsWritten", "FailedMessages", "FailedFiles", "InFlight"} <= {
         m["Name"] for m in metrics[0]["_aws"]["CloudWatchMetrics"][0]["Metrics"]
     }
 
@@ -392,3 +392,49 @@ async def test_a_stop_is_announced_at_once_even_while_a_long_poll_waits(
     assert stopping["long_poll_ends_within_s"] == 2
     await running
     assert events(logs, "poller_stopped")
+
+
+def watched(alarm: str) -> tuple[str, dict[str, str]]:
+    """The metric name and dimensions an alarm of the template watches."""
+    from tests.test_deploy import expand
+
+    props = expand()["Resources"][alarm]["Properties"]
+    assert props["Namespace"] == "worker"
+    return props["MetricName"], {d["Name"]: d["Value"] for d in props["Dimensions"]}
+
+
+def emitted(logs: list[dict[str, Any]], name: str, dimensions: dict[str, str]) -> float:
+    """The sum of the EMF metric ``name`` under exactly ``dimensions`` in ``logs``."""
+    total = 0.0
+    for line in events(logs, "metrics"):
+        (spec,) = line["_aws"]["CloudWatchMetrics"]
+        names = {m["Name"] for m in spec["Metrics"]}
+        ours = spec["Namespace"] == "worker" and spec["Dimensions"] == [list(dimensions)]
+        if ours and name in names and all(line[k] == v for k, v in dimensions.items()):
+            total += line[name]
+    return total
+
+
+@pytest.mark.parametrize("route", ["lambda", "ecs"])
+async def test_a_failed_message_moves_the_metric_the_alarm_watches_on_either_route(
+    route: str, poller_for: PollerFactory, poll_settings: Settings, sqs: Any,
+    logs: list[dict[str, Any]], install_runtime: Callable[[Settings], Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    name, dimensions = watched("LoaderFailedMessagesAlarm")
+    body = {"bucket": BUCKET, "key": "missing.pb"}
+    if route == "lambda":
+        handler = install_runtime(poll_settings)
+        event = f.sqs_event(f.sqs_record(body))
+        await asyncio.to_thread(handler, event, f.LambdaContext())
+        # the runtime logs JSON lines to stdout, as Lambda's log stream has them
+        lines = capsys.readouterr().out.splitlines()
+        logs = [orjson.loads(line) for line in lines if line.startswith("{")]
+    else:
+        queues = make_queues(sqs, visibility=30)
+        send(sqs, queues.url, body)
+        poll = dataclasses.replace(poll_settings.poll, summary_interval_s=0.2)
+        poller = poller_for(queues.url, poll=poll)
+        await run_until(poller, lambda: emitted(logs, name, dimensions) >= 1, within_s=20)
+    assert emitted(logs, name, dimensions) == 1
+    assert emitted(logs, "FailedFiles", dimensions) == 1

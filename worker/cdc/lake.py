@@ -198,6 +198,12 @@ async def apply_changes(
     lake = Lake(target, storage_options)
     result = ApplyResult()
     listed = await list_parts(s3, source)
+    if not listed:
+        raise LakeError(
+            f"no parts under {source}: check --source (parts are "
+            "{source}/dt=YYYY-MM-DD/hour=HH/part-*.json.gz or .parquet)",
+            source=source,
+        )
     cache: dict[str, list[dict[str, Any]]] = {}
     for _ in range(max_attempts):
         table = await asyncio.to_thread(lake.load, target)

@@ -138,9 +138,14 @@ def _problem(change: Any) -> str | None:
     return None
 
 
-async def quarantine_part(s3: S3Client, source: str, key: str) -> str:
-    """Move one part under ``{source}/_quarantine/``; return its new key."""
+async def quarantine_part(s3: S3Client, source: str, key: str) -> tuple[str, bool]:
+    """Move one part (its key, or its ``s3://`` URI) under ``{source}/_quarantine/``;
+    its new key, and whether it was there already (nothing moved)."""
     bucket, prefix = parse_s3_uri(source)
+    if key.startswith("s3://"):
+        part_bucket, key = parse_s3_uri(key)
+        if part_bucket != bucket:
+            raise LakeError(f"--part is in bucket {part_bucket!r}, not {bucket!r}", part=key)
     start = f"{prefix}/" if prefix else ""
     if not key.startswith(start) or not key.endswith(PART_SUFFIXES):
         raise LakeError(f"--part {key!r} is not a part under {source}", part=key)
@@ -149,8 +154,18 @@ async def quarantine_part(s3: S3Client, source: str, key: str) -> str:
         await s3.copy_object(Bucket=bucket, Key=moved, CopySource={"Bucket": bucket, "Key": key})
         await s3.delete_object(Bucket=bucket, Key=key)
     except ClientError as exc:
+        if error_code(exc) in ("NoSuchKey", "404") and await _exists(s3, bucket, moved):
+            return moved, True
         raise LakeError(
             f"cannot quarantine s3://{bucket}/{key}: {error_code(exc)}", part=key
         ) from None
     log.warning("lake_part_quarantined", part=key, moved_to=moved, source=source)
-    return moved
+    return moved, False
+
+
+async def _exists(s3: S3Client, bucket: str, key: str) -> bool:
+    try:
+        await s3.head_object(Bucket=bucket, Key=key)
+    except ClientError:
+        return False
+    return True

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
@@ -88,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     maintain.add_argument("--target", required=True, help="a local path or s3:// URI")
     maintain.add_argument(
         "--retention-hours",
-        type=_natural,
+        type=_at_least(MIN_RETENTION_HOURS),
         default=168,
-        help="vacuum files unreferenced for this long (168); keep it above the longest apply",
+        help=f"vacuum files unreferenced for this long (168, at least {MIN_RETENTION_HOURS}): "
+        "keep it above the longest apply and the longest reader",
     )
     what = "move an unreadable part under SOURCE/_quarantine/ so applies go on without it"
     quarantine = lake_commands.add_parser("quarantine", help=what, description=what)
@@ -119,6 +120,27 @@ def _positive(text: str) -> int:
     return value
 
 
+MIN_RETENTION_HOURS = 1  # a vacuum younger than an apply in progress would eat its files
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _natural(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
+        return value
+
+    return parse
+
+
+def port(text: str) -> int:
+    """A TCP port to listen on: 1 to 65535."""
+    value = _natural(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
 def _natural(text: str) -> int:
     try:
         value = int(text)
@@ -141,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:  # an optional extra this install lacks
         print(f"{prog}: error: {_missing_extra(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port taken, a directory missing: the OS's own words
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

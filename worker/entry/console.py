@@ -97,7 +97,7 @@ async def lake_apply(settings: Settings, source: str, target: str) -> int:
             clients.s3, source, target, storage_options=storage_options_for(target, settings.aws)
         )
     if not result.parts:
-        print(f"{target}: up to date, nothing to apply")
+        print(f"{target}: up to date, every part under {source} is applied")
         return 0
     m = result.metrics
     print(
@@ -134,6 +134,9 @@ async def lake_quarantine(settings: Settings, source: str, part: str) -> int:
     from worker.cdc.parts import quarantine_part
 
     async with Clients.from_settings(settings) as clients:
-        moved = await quarantine_part(clients.s3, source, part)
+        moved, already = await quarantine_part(clients.s3, source, part)
+    if already:
+        print(f"{part}: already quarantined at {moved}")
+        return 0
     print(f"{part}: moved to {moved}; later applies go on without it")
     return 0

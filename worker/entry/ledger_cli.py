@@ -12,6 +12,7 @@ import dataclasses
 import signal
 import sys
 from collections import Counter
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from worker.ledger.runs import Ledger
 
 RUN_STATUSES = ("pending", "dispatched", "processing", "success", "failed", "cancelled")
+FILE_STATUSES = ("pending", "fetched", "verified", "preprocessed", "failed")
 
 COMMANDS = {
     "datasets": "register where a dataset's files live",
@@ -32,6 +34,7 @@ COMMANDS = {
 
 def add_commands(commands: Any) -> None:
     """The ledger's sub-commands, on the ``worker`` parser's sub-parsers."""
+    from worker.entry.cli import port
 
     def command(parent: Any, name: str, what: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = parent.add_parser(name, help=what, description=what)
@@ -63,12 +66,15 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--dataset", help="with --date")
     listing.add_argument("--date", help="with --dataset")
     listing.add_argument("--status", choices=RUN_STATUSES)
+    files = command(sub, "files", "a run's files: status, error and age, one JSON line each")
+    files.add_argument("run_id")
+    files.add_argument("--status", choices=FILE_STATUSES)
     cancel = command(sub, "cancel", "cancel a run: its remaining files are not loaded")
     cancel.add_argument("run_id")
     command(sub, "sweep", "end what is stuck: resume dispatch, complete, fail stalled/expired")
 
     api = command(commands, "api", COMMANDS["api"])
-    api.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (8080)")
+    api.add_argument("--port", type=port, default=8080, help="port on 127.0.0.1 (8080)")
 
 
 async def setup(settings: Settings) -> int:
@@ -125,20 +131,68 @@ async def _submit(ledger: Ledger, args: argparse.Namespace) -> int:
     return 1
 
 
+def _age_s(stamp: str) -> int:
+    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return round((datetime.now(UTC) - then).total_seconds())
+
+
+def _with_age(run: dict[str, Any]) -> dict[str, Any]:
+    """A run with ``ageSeconds`` (since it was created) and, once ended, how long it
+    took (``durationSeconds``)."""
+    age = {"ageSeconds": _age_s(run["createdAt"])}
+    if run["status"] not in ("pending", "dispatched", "processing"):
+        age["durationSeconds"] = age["ageSeconds"] - _age_s(run["updatedAt"])
+    return {**run, **age}
+
+
+async def _pages(fetch: Any) -> Any:
+    """Every item of a paginated listing: ``fetch(token)`` gives one page."""
+    token = None
+    while True:
+        page = await fetch(token)
+        for item in page.items:
+            yield item
+        if not (token := page.nextToken):
+            return
+
+
 async def _list(ledger: Ledger, args: argparse.Namespace) -> int:
     from worker.ledger.models import RunStatus
 
     if args.status:
-        page = await ledger.runs_in(RunStatus(args.status), limit=100, token=None)
+        status = RunStatus(args.status)
+        runs = _pages(lambda token: ledger.runs_in(status, limit=100, token=token))
     elif args.dataset and args.date:
-        page = await ledger.runs_of(args.dataset, args.date, limit=100, token=None)
+        runs = _pages(lambda token: ledger.runs_of(args.dataset, args.date, limit=100, token=token))
     else:
         print("worker runs list: error: give --dataset and --date, or --status", file=sys.stderr)
         return 2
-    for item in page.items:
-        print(orjson.dumps(item).decode())
-    if not page.items:
+    listed = 0
+    async for run in runs:
+        print(orjson.dumps(_with_age(run)).decode())
+        listed += 1
+    if not listed:
         print("no runs", file=sys.stderr)
+    return 0
+
+
+async def _files(ledger: Ledger, args: argparse.Namespace) -> int:
+    from worker.ledger.models import FileStatus
+
+    status = FileStatus(args.status) if args.status else None
+    listed = 0
+    async for item in _pages(
+        lambda token: ledger.files_of(args.run_id, status, limit=100, token=token)
+    ):
+        error = item.get("error") or {}
+        line = {"fileId": item["fileId"], "status": item["status"],
+                "location": item.get("location"), "error": error.get("reason"),
+                "errorMessage": error.get("message"),
+                "ageSeconds": _age_s(item["lastUpdated"])}  # fmt: skip
+        print(orjson.dumps(line).decode())
+        listed += 1
+    if not listed:
+        print("no files" + (f" {args.status}" if args.status else ""), file=sys.stderr)
     return 0
 
 
@@ -155,15 +209,15 @@ async def _runs(ledger: Ledger, args: argparse.Namespace) -> int:
     elif what == "show":
         run = await ledger.run(args.run_id)
         counts: Counter[str] = Counter()
-        token = None
-        while True:
-            page = await ledger.files_of(args.run_id, None, limit=100, token=token)
-            counts.update(f["status"] for f in page.items)
-            if not (token := page.nextToken):
-                break
-        _print({**run, "files": {s.value: counts[s.value] for s in FileStatus}})
+        async for item in _pages(
+            lambda token: ledger.files_of(args.run_id, None, limit=100, token=token)
+        ):
+            counts[item["status"]] += 1
+        _print({**_with_age(run), "files": {s.value: counts[s.value] for s in FileStatus}})
     elif what == "list":
         return await _list(ledger, args)
+    elif what == "files":
+        return await _files(ledger, args)
     else:
         _print(await ledger.cancel(args.run_id))
     return 0

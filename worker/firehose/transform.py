@@ -39,6 +39,7 @@ from botocore.exceptions import ClientError
 
 from worker.core.aws import AWS_FAILURES, THROTTLING_CODES, error_code, is_server_error
 from worker.core.config import FirehoseSettings
+from worker.core.errors import ConfigError
 from worker.core.log import elapsed_ms, emit_metrics, get_logger
 from worker.core.timestamps import is_epoch_ms
 
@@ -337,6 +338,14 @@ async def setup_cache_table(client: DynamoDBClient, name: str) -> CacheSetup:
     except ClientError as exc:
         if error_code(exc) != "ResourceInUseException":
             raise
+        table = (await client.describe_table(TableName=name))["Table"]
+        key = [(k["AttributeName"], k["KeyType"]) for k in table["KeySchema"]]
+        if key != [("pk", "HASH")]:
+            raise ConfigError(
+                f"{name} exists and is not a dedupe cache (its key is {key}, not pk): "
+                "set EVENT_CACHE_TABLE_NAME to the cache's own table",
+                variable="EVENT_CACHE_TABLE_NAME",
+            ) from None
     waiter = client.get_waiter("table_exists")
     await waiter.wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
     ttl = await client.describe_time_to_live(TableName=name)

@@ -1,7 +1,7 @@
 """A run's dispatch: list its files, register them, send one loader message each;
 resumable from wherever it stopped, and never bounded by one request's time.
 
-1. **Steps.** One step is one S3 page (``PAGE`` keys): its files are registered
+1. **Steps.** One step is one S3 page (up to ``PAGE`` keys): its files are registered
    (``pending``), one message each is sent, and only then is the step counted on
    the run (``resolvedFiles``) and the cursor (``dispatchAfter``, the page's last
    key) moved, under the dispatch lease (``transitions``). The last step seals
@@ -12,10 +12,13 @@ resumable from wherever it stopped, and never bounded by one request's time.
    interrupted step may get a second message, which the loader acknowledges
    once the file has ended. The counts stay exact, since
    only a step's commit counts it, and a step is committed once.
-3. **Deadline.** With a deadline (the HTTP route, the sweep), no step starts
-   that the slowest step so far says would not end in time, and a step still
-   running at the deadline is abandoned (it is redone). The lease is then given
-   up, and the next sweep, or a repeat with the same Idempotency-Key, goes on.
+3. **Deadline.** With a deadline (the HTTP route, the sweep), the first step
+   lists ``FIRST_PAGE`` keys and each next one as many as the time per file so
+   far says will take a third of the time left (``MIN_PAGE`` to ``PAGE``), so a
+   slow store still makes progress in every invocation; no step starts that
+   would not end in time, and a step still running at the deadline is
+   abandoned (it is redone). The lease is then given up, and the next sweep,
+   or a repeat with the same Idempotency-Key, goes on.
 4. **Failures.** A throttle, 5xx or broken connection leaves the run pending for
    a resume (``TransientAwsError``); a refusal that no retry cures (no such
    bucket or queue, a parameter S3 rejects, access denied) ends the run
@@ -51,7 +54,9 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
 
 log = get_logger(__name__)
-PAGE = 1000  # S3 keys a step lists, registers and sends
+PAGE = 1000  # S3 keys a step lists, registers and sends, at most
+FIRST_PAGE = 100  # the first step's keys under a deadline: its time per file is unknown
+MIN_PAGE = 10
 REGISTER = 100  # files a BatchGetItem checks (then BatchWriteItem registers, 25 a call)
 SEND = 10  # messages a SendMessageBatch sends
 FAN_OUT = 8  # requests of a step in flight at once
@@ -129,16 +134,19 @@ class Dispatcher:
         self, run: dict[str, Any], dataset: DatasetIn, token: str, deadline: float | None
     ) -> dict[str, Any]:
         bucket, prefix = dataset.prefix_for(run["datasetName"], run["businessDate"])
-        slowest = 0.0
+        size, per_key = (PAGE, 0.0) if deadline is None else (FIRST_PAGE, 0.0)
         while True:
-            if deadline is not None and deadline - time.monotonic() < 1.5 * slowest:
-                log.info("ledger_dispatch_paused", reason="deadline",
-                         resolved_files=run["resolvedFiles"])  # fmt: skip
-                await release_dispatch(self._store, run["runId"], token)
-                return run
+            if deadline is not None and per_key:
+                left = deadline - time.monotonic()
+                size = min(PAGE, int(left / 3 / per_key))
+                if size < MIN_PAGE:
+                    log.info("ledger_dispatch_paused", reason="deadline",
+                             resolved_files=run["resolvedFiles"])  # fmt: skip
+                    await release_dispatch(self._store, run["runId"], token)
+                    return run
             started = time.monotonic()
             after = run.get("dispatchAfter")
-            keys, last, more = await self._list(bucket, prefix, after, dataset.suffix)
+            keys, last, more, listed = await self._list(bucket, prefix, after, dataset.suffix, size)
             files = [self._file(run, bucket, obj) for obj in keys]
             register = functools.partial(self._register, run["runId"])
             await fan_out(files, REGISTER, register)
@@ -151,18 +159,18 @@ class Dispatcher:
                 log.warning("ledger_dispatch_lease_lost")
                 return await self._current(run["runId"])
             run = advanced
-            slowest = max(slowest, time.monotonic() - started)
+            per_key = (time.monotonic() - started) / max(listed, 1)  # the latest step's
             if not more:
                 log.info("ledger_run_sealed", resolved_files=run["resolvedFiles"],
                          status=run["status"])  # fmt: skip
                 return await complete_if_done(self._store, run["runId"]) or run
 
     async def _list(
-        self, bucket: str, prefix: str, after: str | None, suffix: str | None
-    ) -> tuple[list[dict[str, Any]], str | None, bool]:
-        """One page of keys after ``after``: those with the suffix, the page's last key,
-        and whether more follow."""
-        args: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": PAGE}
+        self, bucket: str, prefix: str, after: str | None, suffix: str | None, size: int
+    ) -> tuple[list[dict[str, Any]], str | None, bool, int]:
+        """One page of ``size`` keys after ``after``: those with the suffix, the page's
+        last key, whether more follow, and how many keys it listed."""
+        args: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": size}
         if after:
             args["StartAfter"] = after
         try:
@@ -174,7 +182,7 @@ class Dispatcher:
         kept: list[dict[str, Any]] = [
             dict(obj) for obj in contents if not suffix or obj["Key"].endswith(suffix)
         ]
-        return kept, last, bool(page.get("IsTruncated"))
+        return kept, last, bool(page.get("IsTruncated")), len(contents)
 
     def _file(self, run: dict[str, Any], bucket: str, obj: Any) -> dict[str, Any]:
         location = f"s3://{bucket}/{obj['Key']}"

@@ -35,7 +35,7 @@ from typing import Any
 
 from structlog.contextvars import bound_contextvars
 
-from worker.core.log import get_logger
+from worker.core.log import emit_metrics, get_logger
 from worker.ledger.models import OPEN_FILE, OPEN_RUN, SEALED_RUN, FileStatus, RunStatus
 from worker.ledger.store import Store, attribute_names, now_iso, status_in, to_wire
 
@@ -161,8 +161,7 @@ async def end_run(
         values, condition=f"attribute_exists(runId) AND {condition}",
     )  # fmt: skip
     if ended is not None:
-        with bound_contextvars(run_id=run_id):
-            log.info("ledger_run_ended", status=status.value, **(error or {}))
+        _ended(run_id, status, **(error or {}))
     return ended
 
 
@@ -190,10 +189,17 @@ async def complete_if_done(store: Store, run_id: str) -> dict[str, Any] | None:
         " AND resolvedFiles = :r",
     )  # fmt: skip
     if ended is not None:
-        with bound_contextvars(run_id=run_id):
-            log.info("ledger_run_ended", status=final.value, processed=processed, failed=failed)
+        _ended(run_id, final, processed=processed, failed=failed)
         return ended
     return await store.get(store.settings.run_table, "runId", run_id)
+
+
+def _ended(run_id: str, status: RunStatus, **fields: Any) -> None:
+    """One line for a run that ended; a failed run is also the metric ``FailedRuns``."""
+    with bound_contextvars(run_id=run_id):
+        log.info("ledger_run_ended", status=status.value, **fields)
+    if status is RunStatus.FAILED:
+        emit_metrics({"Service": "ledger"}, FailedRuns=1)
 
 
 # --- files -----------------------------------------------------------------------------

@@ -40,6 +40,37 @@ class MessageOutcome:
         return self.error is not None and self.error.retriable
 
 
+@dataclass(slots=True)
+class LoadMetrics:
+    """The loader's EMF metrics (``Service=loader``), the same names for the same
+    events on both routes: the Lambda route emits them per batch, the poller per
+    ``SUMMARY_INTERVAL_S``, so one alarm watches either ``LoaderMode``."""
+
+    messages: int = 0
+    failed_messages: int = 0
+    failed_files: int = 0
+    rows_written: int = 0
+    rows_skipped: int = 0
+
+    def add(self, outcome: MessageOutcome) -> None:
+        self.messages += 1
+        self.failed_messages += not outcome.ok
+        self.failed_files += sum(1 for s in outcome.objects if s.error is not None)
+        self.rows_written += sum(s.rows_written for s in outcome.objects)
+        self.rows_skipped += sum(s.rows_skipped for s in outcome.objects)
+
+    def emit(self, **extra: float) -> None:
+        emit_metrics(
+            {"Service": "loader"},
+            Messages=self.messages,
+            FailedMessages=self.failed_messages,
+            FailedFiles=self.failed_files,
+            RowsWritten=self.rows_written,
+            RowsSkipped=self.rows_skipped,
+            **extra,
+        )
+
+
 async def handle_message(
     loader: Loader, message_id: str, body: Any, *, last_attempt: bool = False
 ) -> MessageOutcome:
@@ -171,11 +202,7 @@ def _log_batch(outcomes: Iterable[MessageOutcome], ms: int) -> None:
         errors=sorted({o.error.reason for o in failed if o.error is not None}),
         ms=ms,
     )
-    emit_metrics(
-        {"Service": "loader"},
-        Messages=len(outcomes),
-        FailedMessages=len(failed),
-        RowsWritten=rows_written,
-        RowsSkipped=rows_skipped,
-        DurationMs=ms,
-    )
+    metrics = LoadMetrics()
+    for outcome in outcomes:
+        metrics.add(outcome)
+    metrics.emit(DurationMs=ms)

@@ -42,8 +42,8 @@ from botocore.exceptions import ClientError
 from worker.core.aws import AWS_FAILURES, error_code
 from worker.core.config import PollSettings
 from worker.core.errors import ConfigError, TransientAwsError
-from worker.core.log import emit_metrics, get_logger
-from worker.loader.batch import MessageOutcome, handle_message, receive_count
+from worker.core.log import get_logger
+from worker.loader.batch import LoadMetrics, MessageOutcome, handle_message, receive_count
 from worker.loader.pipeline import Loader
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Poller:
         self._visibility_s = 30
         self._max_receives = loader.settings.ledger.max_receives
         self.stats = PollStats()
+        self._metrics = LoadMetrics()
 
     @property
     def rows_written(self) -> int:
@@ -214,6 +215,8 @@ class Poller:
             del self._groups[group]
         if not task.cancelled() and task.exception() is not None:  # never lost silently
             self.stats.failed += 1
+            self._metrics.messages += 1
+            self._metrics.failed_messages += 1
             log.error(
                 "message_task_crashed",
                 message_id=message.get("MessageId"),
@@ -244,6 +247,7 @@ class Poller:
         return outcome.ok
 
     async def _settle(self, message: dict[str, Any], outcome: MessageOutcome) -> None:
+        self._metrics.add(outcome)
         if outcome.ok:
             await self._delete(message)
             return
@@ -314,19 +318,13 @@ class Poller:
     async def _report_periodically(self) -> None:
         while True:
             before, start = self.rows_written, time.monotonic()
-            failed_before = self.stats.failed
             await asyncio.sleep(self._settings.summary_interval_s)
             rows = self.rows_written - before
             self._log_summary(
                 "poller_summary", rows_per_s=round(rows / (time.monotonic() - start), 1)
             )
-            emit_metrics(
-                {"Service": "poller"},
-                RowsWritten=rows,
-                MessagesFailed=self.stats.failed - failed_before,
-                InFlight=len(self._tasks),
-                Window=self._loader.writer.window.limit,
-            )
+            metrics, self._metrics = self._metrics, LoadMetrics()
+            metrics.emit(InFlight=len(self._tasks), Window=self._loader.writer.window.limit)
 
     def _log_summary(self, event: str, **extra: Any) -> None:
         writer = self._loader.writer
