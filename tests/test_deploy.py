@@ -192,6 +192,7 @@ def test_no_grant_uses_a_wildcard_action_or_resource(template: dict[str, Any]) -
     for name, role in of_type(template, "AWS::IAM::Role").items():
         for policy in role["Properties"].get("Policies", []):
             for statement in policy["PolicyDocument"]["Statement"]:
+                statement = statement.get("Fn::If", [None, statement])[1]
                 actions = (
                     statement["Action"]
                     if isinstance(statement["Action"], list)
@@ -343,3 +344,44 @@ def test_the_dashboard_shows_every_metric_an_alarm_watches(template: dict[str, A
         for metric in [properties, *metrics]:
             if "MetricName" in metric:
                 assert metric["MetricName"] in shown, f"{name}: {metric['MetricName']}"
+
+
+def test_the_source_bucket_reaches_the_queue_through_the_stacks_rule_only() -> None:
+    template = expand()
+    rule = template["Resources"]["SourceObjectCreatedRule"]["Properties"]
+    assert rule["EventPattern"]["detail-type"] == ["Object Created"]
+    assert rule["Targets"][0]["Arn"] == {"Fn::GetAtt": ["LoaderQueue", "Arn"]}
+    policy = template["Resources"]["LoaderQueuePolicy"]["Properties"]["PolicyDocument"]
+    (allow,) = [s for s in policy["Statement"] if s["Effect"] == "Allow"]
+    assert allow["Principal"] == {"Service": "events.amazonaws.com"}
+    assert allow["Action"] == "sqs:SendMessage"
+    assert allow["Condition"] == {
+        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["SourceObjectCreatedRule", "Arn"]}}
+    }
+
+
+def test_kms_decrypt_is_granted_on_the_given_key_only_and_only_when_given() -> None:
+    template = expand()
+    for role in ("LoaderFunctionRole", "LoaderTaskRole"):
+        (policy,) = template["Resources"][role]["Properties"]["Policies"]
+        (optional,) = [s for s in policy["PolicyDocument"]["Statement"] if "Fn::If" in s]
+        condition, grant, otherwise = optional["Fn::If"]
+        assert condition == "SourceKms" and otherwise == {"Ref": "AWS::NoValue"}
+        assert grant["Action"] == "kms:Decrypt" and grant["Resource"] == {"Ref": "SourceKmsKeyArn"}
+    assert template["Conditions"]["SourceKms"] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": "SourceKmsKeyArn"}, ""]}]
+    }
+
+
+def test_no_function_reserves_concurrency_unless_asked() -> None:
+    template = expand()
+    for name, resource in template["Resources"].items():
+        reserved = resource.get("Properties", {}).get("ReservedConcurrentExecutions")
+        if resource["Type"] == "AWS::Lambda::Function" and reserved is not None:
+            assert reserved["Fn::If"][0] == "Reserve", name
+            assert reserved["Fn::If"][2] == {"Ref": "AWS::NoValue"}, name
+
+
+def test_every_parameter_is_described() -> None:
+    parameters = expand()["Parameters"]
+    assert [name for name, p in parameters.items() if not p.get("Description")] == []

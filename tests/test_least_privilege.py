@@ -43,7 +43,8 @@ from worker.loader.poller import Poller
 
 ROLE: contextvars.ContextVar[str] = contextvars.ContextVar("role", default="unattributed")
 RAW = "raw-parts"
-SERVICE_SIDS = {"ConsumeQueue", "ReadStream", "OnFailure"}  # used by AWS on the role's behalf
+# used by AWS on the role's behalf (DecryptSource: S3 calls KMS for an SSE-KMS object)
+SERVICE_SIDS = {"ConsumeQueue", "ReadStream", "OnFailure", "DecryptSource"}
 ROLES = ("LoaderFunctionRole", "LoaderTaskRole", "ApiFunctionRole", "StreamsFunctionRole",
          "FirehoseTransformRole")  # fmt: skip
 
@@ -88,6 +89,8 @@ def granted(template: dict[str, Any], role: str) -> tuple[set[str], set[str]]:
     services: set[str] = set()
     for policy in template["Resources"][role]["Properties"].get("Policies", []):
         for statement in policy["PolicyDocument"]["Statement"]:
+            if "Fn::If" in statement:  # an optional grant: the statement it would add
+                statement = statement["Fn::If"][1]
             actions = (
                 statement["Action"]
                 if isinstance(statement["Action"], list)
