@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import orjson
 import pytest
 
 from tests.conftest import BUCKET, scan
@@ -258,3 +259,31 @@ def test_setup_firehose_cache_refuses_a_table_that_is_not_a_cache(moto: str, pre
     one_line_error(result, 2, name, "not a dedupe cache")
     ttl = ddb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
     assert ttl["TimeToLiveStatus"] == "DISABLED"  # and never touched
+
+
+def test_the_readmes_try_out_runs_as_written(tmp_path: Path) -> None:
+    """The README's "Try it by hand" block, run line for line by bash."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Try it by hand", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SCHEMA", "SOURCE"))}
+    env["HOME"] = str(tmp_path)
+    cleanup = "trap 'kill $(jobs -p) 2> /dev/null || true' EXIT\n"  # even when a line fails
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", cleanup + block], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert "wrote /tmp/sample.pb: 1000 rows in 2 tables" in out
+    assert "/tmp/sample.pb: ok (1,000 rows" in out  # worker load
+    docs = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
+    polled = [d for d in docs if d.get("event") == "poller_stopped"]
+    assert [d["rows_written"] for d in polled] == [1000, 1000]  # the queue's file, the run's
+    (dataset,) = [d for d in docs if "location" in d]
+    assert dataset["datasetName"] == "sample"
+    (created,) = [d for d in docs if set(d) == {"runId", "status", "resolvedFiles"}]
+    assert created["status"] == "dispatched"
+    (listing,) = [d for d in docs if "items" in d]
+    (run,) = listing["items"]
+    assert (run["runId"], run["status"], run["processedFiles"]) == (created["runId"], "success", 1)

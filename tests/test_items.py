@@ -218,3 +218,17 @@ def test_the_writer_stores_every_item_exactly_once(
     stats = asyncio.run(BatchWriter(table, write).write("t", list(items)))
     assert stats.written == len(items) == table.puts  # none lost, none written twice
     assert table.items == {key_of(item, ["id"]): item for item in items}
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_an_integer_of_38_digits_counts_its_dynamodb_size_to_the_byte(over: int) -> None:
+    number = 10**37 + 12345  # 38 significant digits
+    number_size = 38 // 2 + 1  # DynamoDB: about one byte per two significant digits, plus one
+    fixed = len("id") + len("a") + len("n") + number_size + len("t")
+    row = {"id": "a", "n": number, "t": "x" * (MAX_ITEM_BYTES - fixed + over)}
+    result = convert([row])
+    if over:
+        assert result.items == [] and result.stats.skipped == {"item_too_large": 1}
+    else:
+        (item,) = result.items
+        assert item["n"] == {"N": str(number)}  # exactly at the limit: kept

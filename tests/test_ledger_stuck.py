@@ -148,6 +148,13 @@ def test_a_submit_through_the_handler_answers_within_its_deadline_and_the_sweep_
 ) -> None:  # fmt: skip
     put_files(s3, 300, rows=1)
     monkeypatch.setattr(dispatch, "PAGE", 20)  # many steps: the deadline falls among them
+    send = dispatch.Dispatcher._send
+
+    async def slow_send(self: Any, files: list[dict[str, Any]]) -> None:
+        await asyncio.sleep(0.2)  # a slow queue: 15 steps of 20 files take 3 s at least
+        await send(self, files)
+
+    monkeypatch.setattr(dispatch.Dispatcher, "_send", slow_send)
     handler = install_runtime(ledger_settings)
 
     def http(method: str, path: str, body: Any, remaining_ms: int) -> tuple[int, dict[str, Any]]:
@@ -312,3 +319,65 @@ async def test_a_run_open_longer_than_its_maximum_age_is_expired_with_its_files(
     assert {i["error"]["M"]["reason"]["S"] for i in files_of(ledger_settings, run_id)} == {
         "expired"
     }
+
+
+# --- the DLQ, for the operator -----------------------------------------------------------
+
+
+async def test_dlq_show_names_each_message_and_redrive_keeps_what_the_ledger_ended(
+    ledger_settings: Settings, call: Call, s3: Any, prefix: str
+) -> None:
+    from tests.test_cli import worker
+    from tests.test_ledger import ledger_env
+
+    put_files(s3, 2)
+    run_id = (await submit(call))["runId"]
+    records = receive_all(ledger_settings.ledger.loader_queue_url, count=2)
+    ended = orjson.loads(records[0]["body"])
+    failed_for_good = TrackedFile(run_id, ended["file_id"])
+    with_error = {"reason": "corrupt_object", "message": "bad"}
+    await _end(ledger_settings, failed_for_good, with_error)
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName=f"{prefix}-cli-dlq")["QueueUrl"]
+    for body in (records[0]["body"], records[1]["body"], orjson.dumps({"bucket": BUCKET,
+                 "key": "plain.pb"}).decode()):  # fmt: skip
+        sqs.send_message(QueueUrl=dlq, MessageBody=body)
+    env = {
+        "RUN_TABLE_NAME": ledger_settings.ledger.run_table,
+        "FILE_TABLE_NAME": ledger_settings.ledger.file_table,
+        "DATASET_TABLE_NAME": ledger_settings.ledger.dataset_table,
+        "LOADER_QUEUE_URL": ledger_settings.ledger.loader_queue_url,
+    }
+    assert set(env) == set(ledger_env(prefix))
+    shown = worker("dlq", "show", "--dlq", dlq, env=env)
+    assert shown.returncode == 0, shown.stderr
+    letters = [orjson.loads(line) for line in shown.stdout.splitlines()]
+    assert len(letters) == 3
+    by_object = {tuple(letter["objects"]): letter for letter in letters}
+    assert by_object[(f"s3://{BUCKET}/plain.pb",)]["ended"] == []
+    assert [e for letter in letters for e in letter["ended"]] == [
+        f"{ended['file_id']}: failed corrupt_object"
+    ]
+    moved = worker("dlq", "redrive", "--dlq", dlq, env=env)
+    assert moved.returncode == 0, moved.stderr
+    lines = moved.stdout.splitlines()
+    assert sum("moved to the loader queue" in line for line in lines) == 2
+    (kept,) = [line for line in lines if "kept" in line]
+    assert f"worker runs submit {DATASET} {DAY} --supersede" in kept
+    back = receive_all(ledger_settings.ledger.loader_queue_url, count=2)
+    assert sorted(r["body"] for r in back) == sorted([records[1]["body"], orjson.dumps(
+        {"bucket": BUCKET, "key": "plain.pb"}).decode()])  # fmt: skip
+    again = worker("dlq", "show", "--dlq", dlq, env=env)
+    assert [orjson.loads(line)["ended"] for line in again.stdout.splitlines()] == [
+        [f"{ended['file_id']}: failed corrupt_object"]
+    ]
+
+
+async def _end(settings: Settings, file: TrackedFile, error: dict[str, str]) -> None:
+    from worker.ledger.models import FileStatus
+    from worker.ledger.transitions import end_file
+
+    async with Clients(max_in_flight=2) as clients:
+        store = Store(clients.dynamodb, settings.ledger)
+        assert await end_file(store, file.run_id, file.file_id, FileStatus.FAILED,
+                              {"error": error})  # fmt: skip

@@ -67,3 +67,13 @@ def test_a_refreshed_credential_gets_a_new_signing_key() -> None:
 )  # fmt: skip
 def test_the_signed_host_drops_default_ports_and_case(url: str, host: str) -> None:
     assert canonical_host(url) == host
+
+
+def test_one_signer_across_midnight_signs_each_day_with_that_days_key() -> None:
+    signer = Signer(URLS[0], "us-east-1", "dynamodb", content_type=CONTENT_TYPE, target=TARGET)
+    creds = Credentials("AKIA", "secret", None)
+    for now in (datetime(2026, 11, 22, 23, 59, 59, tzinfo=UTC),
+                datetime(2026, 11, 23, 0, 0, 1, tzinfo=UTC),
+                datetime(2026, 11, 22, 23, 59, 58, tzinfo=UTC)):  # fmt: skip
+        ours = signer.headers(creds.get_frozen_credentials(), b"{}", now)
+        assert ours == botocore_headers(URLS[0], "us-east-1", creds, b"{}", now), now

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "setup": "create supporting AWS resources; running it again changes nothing",
     "lake": "the Delta Lake side of CDC",
     "demo": "run the whole job end to end against an embedded local AWS (moto)",
+    "dlq": "the loader's dead letters: what each names and what the ledger says; redrive",
 }
 
 
@@ -97,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     quarantine = lake_commands.add_parser("quarantine", help=what, description=what)
     quarantine.add_argument("--source", required=True, help="s3://BUCKET/PREFIX/TABLE")
     quarantine.add_argument("--part", required=True, help="the part's key, as the error names it")
+
+    dlq = command("dlq")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    for name, what in (
+        ("show", "list the DLQ's messages (left where they are)"),
+        ("redrive", "move them back to the loader queue, but not those whose file ended"),
+    ):
+        sub = dlq_commands.add_parser(name, help=what, description=what)
+        sub.add_argument(
+            "--dlq", required=True, help="its URL (the stack's LoaderDeadLetterQueueUrl)"
+        )
+        sub.add_argument("--max", type=_positive, default=100, help="messages at most (100)")
+        if name == "redrive":
+            sub.add_argument("--to", help="the queue (default: $LOADER_QUEUE_URL or $QUEUE_URL)")
 
     demo = command("demo")
     demo.add_argument("--rows", type=_positive, default=5_000, help="rows per sample file")
@@ -170,12 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     command: str = args.command
-    if command == "sample":
-        return _sample(args)
-    if command == "health":
-        return _health(settings)
-    if command == "poll":
-        return _poll(settings, args)
+    own_logging: dict[str, Callable[[], int]] = {
+        "sample": lambda: _sample(args),
+        "health": lambda: _health(settings),
+        "poll": lambda: _poll(settings, args),
+    }
+    if command in own_logging:
+        return own_logging[command]()
     if command == "setup":
         if args.what == "ledger":
             from worker.entry import ledger_cli
@@ -195,8 +211,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         log.configure("WARNING", stream=sys.stderr)  # the demo prints its own report on stdout
         return run_demo(rows=args.rows)
     log.configure(settings.log_level, stream=sys.stderr, fmt=settings.log_format)
-    if command == "lake":
-        return _lake(args, settings)
+    if command in ("lake", "dlq"):
+        return _lake(args, settings) if command == "lake" else _run(_dlq(args, settings))
     from worker.entry.console import load_targets
 
     return _run(load_targets(settings, args.targets))
@@ -210,6 +226,29 @@ def _lake(args: argparse.Namespace, settings: Settings) -> int:
     if args.lake_command == "quarantine":
         return _run(console.lake_quarantine(settings, args.source, args.part))
     return _run(console.lake_apply(settings, args.source, args.target))
+
+
+async def _dlq(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.core.aws import Clients
+    from worker.entry import dlq
+    from worker.entry.runtime import make_ledger
+
+    to = getattr(args, "to", None) or settings.ledger.loader_queue_url or settings.poll.queue_url
+    if args.dlq_command == "redrive" and not to:
+        raise ConfigError("give --to, or set LOADER_QUEUE_URL", variable="LOADER_QUEUE_URL")
+    async with Clients.from_settings(settings) as clients:
+        ledger = make_ledger(settings, clients, dispatch=False) if settings.ledger.enabled else None
+        letters = await dlq.read(clients.sqs, args.dlq, ledger, args.max)
+        if args.dlq_command == "show":
+            for letter in letters:
+                print(dlq.dumps(letter))
+            await dlq.hand_back(clients.sqs, args.dlq, letters)
+        else:
+            for line in await dlq.redrive(clients.sqs, args.dlq, to, letters):
+                print(line)
+    if not letters:
+        print("no messages in the DLQ", file=sys.stderr)
+    return 0
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:

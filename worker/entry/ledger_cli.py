@@ -145,25 +145,17 @@ def _with_age(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, **age}
 
 
-async def _pages(fetch: Any) -> Any:
-    """Every item of a paginated listing: ``fetch(token)`` gives one page."""
-    token = None
-    while True:
-        page = await fetch(token)
-        for item in page.items:
-            yield item
-        if not (token := page.nextToken):
-            return
-
-
 async def _list(ledger: Ledger, args: argparse.Namespace) -> int:
     from worker.ledger.models import RunStatus
+    from worker.ledger.store import every_item
 
     if args.status:
         status = RunStatus(args.status)
-        runs = _pages(lambda token: ledger.runs_in(status, limit=100, token=token))
+        runs = every_item(lambda token: ledger.runs_in(status, limit=100, token=token))
     elif args.dataset and args.date:
-        runs = _pages(lambda token: ledger.runs_of(args.dataset, args.date, limit=100, token=token))
+        runs = every_item(
+            lambda token: ledger.runs_of(args.dataset, args.date, limit=100, token=token)
+        )
     else:
         print("worker runs list: error: give --dataset and --date, or --status", file=sys.stderr)
         return 2
@@ -178,10 +170,11 @@ async def _list(ledger: Ledger, args: argparse.Namespace) -> int:
 
 async def _files(ledger: Ledger, args: argparse.Namespace) -> int:
     from worker.ledger.models import FileStatus
+    from worker.ledger.store import every_item
 
     status = FileStatus(args.status) if args.status else None
     listed = 0
-    async for item in _pages(
+    async for item in every_item(
         lambda token: ledger.files_of(args.run_id, status, limit=100, token=token)
     ):
         error = item.get("error") or {}
@@ -198,6 +191,7 @@ async def _files(ledger: Ledger, args: argparse.Namespace) -> int:
 
 async def _runs(ledger: Ledger, args: argparse.Namespace) -> int:
     from worker.ledger.models import FileStatus
+    from worker.ledger.store import every_item
     from worker.ledger.sweeper import Sweeper
 
     what = args.runs_command
@@ -209,7 +203,7 @@ async def _runs(ledger: Ledger, args: argparse.Namespace) -> int:
     elif what == "show":
         run = await ledger.run(args.run_id)
         counts: Counter[str] = Counter()
-        async for item in _pages(
+        async for item in every_item(
             lambda token: ledger.files_of(args.run_id, None, limit=100, token=token)
         ):
             counts[item["status"]] += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -156,6 +156,17 @@ def decode_token(token: str | None) -> dict[str, Any] | None:
     ):  # every key of the ledger's tables and indexes is a string
         raise InvalidRequest("nextToken is not a token this API gave out", field="nextToken")
     return doc
+
+
+async def every_item(fetch: Callable[[str | None], Awaitable[Page]]) -> AsyncIterator[Any]:
+    """Every item of a paginated listing; ``fetch(token)`` gives one page."""
+    token = None
+    while True:
+        page = await fetch(token)
+        for item in page.items:
+            yield item
+        if not (token := page.nextToken):
+            return
 
 
 async def _guarded(table: str, operation: str, call: Awaitable[T]) -> T | None:

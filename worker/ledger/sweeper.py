@@ -26,6 +26,7 @@ Each action is one log line; the sweep ends with a summary line and EMF metrics
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,7 @@ from worker.core.errors import TransientAwsError
 from worker.core.log import emit_metrics, get_logger
 from worker.ledger.models import OPEN_FILE, OPEN_RUN, SEALED_RUN, FileStatus, RunStatus
 from worker.ledger.runs import Ledger
+from worker.ledger.store import every_item
 from worker.ledger.transitions import complete_if_done, end_file, end_run
 
 log = get_logger(__name__)
@@ -147,23 +149,13 @@ class Sweeper:
                                 location=item.get("location"))  # fmt: skip
         return ended
 
-    async def _all_runs(self, status: RunStatus) -> Any:
-        token = None
-        while True:
-            page = await self._ledger.runs_in(status, limit=_PAGE, token=token)
-            for run in page.items:
-                yield run
-            if not (token := page.nextToken):
-                return
+    def _all_runs(self, status: RunStatus) -> AsyncIterator[dict[str, Any]]:
+        return every_item(lambda token: self._ledger.runs_in(status, limit=_PAGE, token=token))
 
-    async def _all_files(self, run_id: str, status: FileStatus) -> Any:
-        token = None
-        while True:
-            page = await self._ledger.files_of(run_id, status, limit=_PAGE, token=token)
-            for item in page.items:
-                yield item
-            if not (token := page.nextToken):
-                return
+    def _all_files(self, run_id: str, status: FileStatus) -> AsyncIterator[dict[str, Any]]:
+        return every_item(
+            lambda token: self._ledger.files_of(run_id, status, limit=_PAGE, token=token)
+        )
 
     async def _queue(self) -> tuple[float, bool]:
         """How long the loader queue may still deliver a message (visibility timeout x
