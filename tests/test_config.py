@@ -57,6 +57,9 @@ def test_every_variable_is_read() -> None:
         ({"WRITE_BACKOFF_CAP_MS": "x"}, "WRITE_BACKOFF_CAP_MS"),
         ({"ENVIRONMENT": "dev"}, "ENVIRONMENT='dev' must be one of staging, prod"),
         ({"LOADER_MAX_RECEIVES": "0"}, "LOADER_MAX_RECEIVES"),
+        ({"RUN_DISPATCH_TIMEOUT_S": "5"}, "RUN_DISPATCH_TIMEOUT_S"),
+        ({"RUN_MAX_AGE_H": "0"}, "RUN_MAX_AGE_H"),
+        ({"RUN_STALL_MARGIN_S": "-1"}, "RUN_STALL_MARGIN_S"),
         ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
         ({"LAKE_TOMBSTONE_RETENTION_HOURS": "0"}, "LAKE_TOMBSTONE_RETENTION_HOURS=0 must be"),
         ({"MAX_BYTES_IN_FLIGHT": "0"}, "MAX_BYTES_IN_FLIGHT=0 must be"),
@@ -78,6 +81,9 @@ def test_the_ledger_settings_are_read_and_required_by_name() -> None:
     env = {"RUN_TABLE_NAME": "r", "FILE_TABLE_NAME": "f", "ENVIRONMENT": "PROD"}
     ledger = Settings.from_env(env).ledger
     assert (ledger.run_table, ledger.file_table, ledger.environment) == ("r", "f", "prod")
+    timing = {"RUN_DISPATCH_TIMEOUT_S": "60", "RUN_MAX_AGE_H": "48", "RUN_STALL_MARGIN_S": "0"}
+    timed = Settings.from_env(env | timing).ledger
+    assert (timed.dispatch_timeout_s, timed.max_age_h, timed.stall_margin_s) == (60, 48, 0)
     assert ledger.enabled and ledger.tables == ("r", "f")
     with pytest.raises(ConfigError, match="DATASET_TABLE_NAME"):
         ledger.require()

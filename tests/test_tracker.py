@@ -100,3 +100,43 @@ async def test_a_transaction_whose_condition_failed_is_acknowledged_without_coun
     await tracker(clients, ledger_settings).failed(file, TransientAwsError("x"), final=True)
     run = await run_of(call, file.run_id)
     assert (run["processedFiles"], run["failedFiles"]) == (1, 0)
+
+
+async def test_a_file_another_run_took_over_is_not_loaded_for_the_earlier_run(
+    ledger_settings: Settings, call: Call, s3: Any, clients: Clients
+) -> None:
+    import boto3
+
+    file, _ = await one_file(call, s3, ledger_settings)
+    boto3.client("dynamodb").update_item(  # registered again by a later run of the date
+        TableName=ledger_settings.ledger.file_table, Key={"fileId": {"S": file.file_id}},
+        UpdateExpression="SET runId = :later", ExpressionAttributeValues={":later": {"S": "l"}},
+    )  # fmt: skip
+    assert not await tracker(clients, ledger_settings).begin(file)  # its own run is still open
+    assert (await run_of(call, file.run_id))["status"] == "dispatched"
+
+
+async def test_only_the_holder_of_a_dispatch_lease_counts_a_step(
+    ledger_settings: Settings, call: Call, clients: Clients
+) -> None:
+    import boto3
+
+    from worker.ledger.transitions import advance_dispatch, claim_dispatch
+
+    await call("PUT", "/datasets/sales", {"location": "s3://input/raw/"})
+    run_id = "0" * 32
+    boto3.client("dynamodb").put_item(TableName=ledger_settings.ledger.run_table, Item={
+        "runId": {"S": run_id}, "status": {"S": "pending"}, "resolvedFiles": {"N": "0"},
+        "dispatchLease": {"N": "0"}})  # fmt: skip
+    store = Store(clients.dynamodb, ledger_settings.ledger)
+    first = await claim_dispatch(store, run_id, lease_s=-1)  # lapses at once
+    second = await claim_dispatch(store, run_id, lease_s=60)
+    assert first and second and first != second
+    assert await claim_dispatch(store, run_id, lease_s=60) is None  # held: nobody else
+    run = {"runId": run_id, "resolvedFiles": 0}
+    stale = await advance_dispatch(store, run, first, after="k", files=5, done=False, lease_s=60)
+    assert stale is None  # the lapsed holder counts nothing
+    live = await advance_dispatch(store, run, second, after="k", files=5, done=False, lease_s=60)
+    assert live is not None and live["resolvedFiles"] == 5
+    again = await advance_dispatch(store, run, second, after="k", files=5, done=False, lease_s=60)
+    assert again is None  # the same step is not counted twice (resolvedFiles moved on)
