@@ -12,7 +12,6 @@ import dataclasses
 import signal
 import sys
 from collections import Counter
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -132,8 +131,9 @@ async def _submit(ledger: Ledger, args: argparse.Namespace) -> int:
 
 
 def _age_s(stamp: str) -> int:
-    then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    return round((datetime.now(UTC) - then).total_seconds())
+    from worker.ledger.store import age_s
+
+    return round(age_s(stamp))
 
 
 def _with_age(run: dict[str, Any]) -> dict[str, Any]:

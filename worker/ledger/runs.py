@@ -39,6 +39,7 @@ from worker.ledger.transitions import (
     claim_dispatch,
     end_run,
     lock_id,
+    new_token,
     open_run,
 )
 
@@ -118,7 +119,7 @@ class Ledger:
         else:
             run_id = uuid.uuid4().hex
         now = now_iso()
-        token = f"{time.time_ns():x}"
+        token = new_token()
         run = {
             "runId": run_id,
             "datasetName": request.datasetName,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -46,6 +47,12 @@ UNPROCESSED = Backoff(base_s=0.05, cap_s=2.0, attempts=8)
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def age_s(stamp: str, now: float | None = None) -> float:
+    """Seconds from a ``now_iso()`` stamp to ``now`` (epoch seconds; default: now)."""
+    then = datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return (time.time() if now is None else now) - then
 
 
 def to_wire(doc: dict[str, Any]) -> dict[str, Any]:

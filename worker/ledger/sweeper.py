@@ -28,7 +28,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -38,7 +37,7 @@ from worker.core.errors import TransientAwsError
 from worker.core.log import emit_metrics, get_logger
 from worker.ledger.models import OPEN_FILE, OPEN_RUN, SEALED_RUN, FileStatus, RunStatus
 from worker.ledger.runs import Ledger
-from worker.ledger.store import every_item
+from worker.ledger.store import age_s, every_item
 from worker.ledger.transitions import complete_if_done, end_file, end_run
 
 log = get_logger(__name__)
@@ -67,10 +66,6 @@ class SweepReport:
         )
 
 
-def _age_s(stamp: str, now: float) -> float:
-    return now - datetime.fromisoformat(stamp.replace("Z", "+00:00")).astimezone(UTC).timestamp()
-
-
 class Sweeper:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
@@ -88,7 +83,7 @@ class Sweeper:
                     report.emit()
                     return report
                 report.open_runs += 1
-                report.oldest_open_s = max(report.oldest_open_s, _age_s(run["createdAt"], now))
+                report.oldest_open_s = max(report.oldest_open_s, age_s(run["createdAt"], now))
                 await self._one(run, report, now, window_s, backlog, deadline)
         report.emit()
         return report
@@ -98,7 +93,7 @@ class Sweeper:
         backlog: bool, deadline: float | None,
     ) -> None:  # fmt: skip
         run_id = run["runId"]
-        if _age_s(run["createdAt"], now) > self._settings.max_age_h * 3600:
+        if age_s(run["createdAt"], now) > self._settings.max_age_h * 3600:
             await self._end_files(run_id, now, None, "expired", skip_pending=False)
             error = {"reason": "expired", "maxAgeHours": self._settings.max_age_h}
             if await end_run(self._store, run_id, RunStatus.FAILED, error) is not None:
@@ -117,7 +112,7 @@ class Sweeper:
             report.completed_runs += 1
             log.info("ledger_sweep_completed", run_id=run_id, status=ended["status"])
             return
-        if _age_s(run["updatedAt"], now) > window_s:
+        if age_s(run["updatedAt"], now) > window_s:
             stalled = await self._end_files(run_id, now, window_s, "stalled", skip_pending=backlog)
             report.stalled_files += stalled
             if stalled:
@@ -138,7 +133,7 @@ class Sweeper:
             if status is FileStatus.PENDING and skip_pending:
                 continue
             async for item in self._all_files(run_id, status):
-                if window_s is not None and _age_s(item["lastUpdated"], now) <= window_s:
+                if window_s is not None and age_s(item["lastUpdated"], now) <= window_s:
                     continue
                 error = {"reason": reason, "message": message}
                 if await end_file(self._store, run_id, item["fileId"], FileStatus.FAILED,

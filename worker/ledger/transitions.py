@@ -31,6 +31,7 @@ file: pending --> fetched --> preprocessed | failed   (failed from any open stat
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 from structlog.contextvars import bound_contextvars
@@ -88,9 +89,14 @@ async def open_run(store: Store, run: dict[str, Any], *, ended_holder: str | Non
     return await store.transact([{"Put": run_put}, {"Put": lock_put}]) is None
 
 
+def new_token() -> str:
+    """A dispatcher's lease token: unique per claim."""
+    return uuid.uuid4().hex
+
+
 async def claim_dispatch(store: Store, run_id: str, lease_s: float) -> str | None:
     """Take a pending run's dispatch lease when it is free or expired: the new token."""
-    token = f"{time.time_ns():x}"
+    token = new_token()
     now = time.time()
     claimed = await store.update(
         store.settings.run_table, {"runId": run_id},
