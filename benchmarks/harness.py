@@ -7,7 +7,8 @@ Runs (each contender in a fresh process, the sink in another):
 2. 20% of items returned as UnprocessedItems: time to finish, rows lost;
 3. the worker's write stage over MAX_IN_FLIGHT in {1, 4, 16, 64};
 4. against moto's server, at a smaller size, for realism;
-plus cold start (``import lambda_entry``) and peak RSS per decoded file size.
+plus cold start (``import lambda_entry``), peak RSS per decoded file size,
+and the memory model's constants on crafted files (``benchmarks.decode_memory``).
 Writes ``results.json``, ``results.md`` and ``results.png`` under ``--out``.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import boto3
 import orjson
 
+from benchmarks.decode_memory import measure as decode_memory
 from benchmarks.memory import memory
 from benchmarks.servers import moto_process, sink_process
 from worker.entry.sample import sample_file
@@ -226,6 +228,10 @@ def main() -> None:
                 report["scaling"].append(result)
             print("memory", flush=True)
             report["memory"] = memory(env_sink, args.memory_mb, scratch)
+            print("memory of crafted files at their cap", flush=True)
+            report["decode_memory"] = decode_memory(
+                env_sink, scratch, (1 if args.quick else 10) * 2**20
+            )
         small = scratch / "small.pb"
         small_data = sample_file(rows=args.moto_rows, tables=TABLES).SerializeToString()
         small.write_bytes(small_data)

@@ -20,7 +20,7 @@ from worker.core.aws import Clients
 from worker.core.config import Settings
 from worker.core.errors import CorruptObject, ObjectTooLarge
 from worker.entry.sample import sample_file
-from worker.loader.budget import RESERVED, STREAMED_RATIO, ByteBudget, decoded_cap
+from worker.loader.budget import RESERVED, STREAMED_RATIO, ByteBudget, cap_advice, decoded_cap
 from worker.loader.extract import reference
 from worker.loader.extract.outputfile_pb2 import OutputFile
 from worker.loader.messages import ObjectRef
@@ -46,7 +46,7 @@ def test_the_stream_yields_the_rows_of_the_whole_file_extract_in_slices(
     message.tables.add(name="table_1", columns=["id"]).rows.add().values.add(string_value="z")
     data = message.SerializeToString()
     stream = reference.iterOutputData(data)
-    assert stream.table_names == ["table_0", "table_1", "table_2", "table_1"]
+    assert stream.table_names == ["table_0", "table_1", "table_2"]  # distinct, in file order
     slices = list(stream)
     assert max(len(rows) for _, rows in slices) == 700 and len(slices) > 3 * (2000 // 700)
     streamed: dict[str, list[dict[str, Any]]] = {}
@@ -113,26 +113,26 @@ async def test_the_last_row_of_a_key_wins_across_slices_and_never_races_an_earli
 
 def test_without_max_decoded_bytes_lambda_derives_a_cap_that_fits_its_memory() -> None:
     lambda_settings = Settings.from_env({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1024"})
-    cap, advice = decoded_cap(lambda_settings, streamed=True)
+    cap, advice = decoded_cap(lambda_settings, streamed=True), cap_advice(lambda_settings)
     assert cap == int((1024 * MiB - RESERVED) / STREAMED_RATIO)
     assert "1024 MB" in advice and "ECS poller" in advice
-    whole, _ = decoded_cap(lambda_settings, streamed=False)
+    whole = decoded_cap(lambda_settings, streamed=False)
     assert whole < cap / 4  # the whole-file path needs far more memory per byte
     explicit = Settings.from_env({"AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "1024",
                                   "MAX_DECODED_BYTES": "5"})  # fmt: skip
-    assert decoded_cap(explicit, streamed=True) == (5, "")
+    assert decoded_cap(explicit, streamed=True) == 5 and cap_advice(explicit) == ""
 
 
 async def test_a_file_over_the_derived_cap_fails_naming_it_and_the_ecs_poller(
     moto: str, s3: Any, settings: Settings, clients: Clients
 ) -> None:
-    small = dataclasses.replace(settings, lambda_memory_mb=300)  # (300 - 256) MB / 2 = 22 MB
+    small = dataclasses.replace(settings, lambda_memory_mb=180)  # (180 - 160) MB / 1.25 = 16 MB
     s3.put_object(Bucket=BUCKET, Key="big.pb", Body=b"\x0a" * (30 * MiB))
     summary = await Loader(small, clients).load(ObjectRef(BUCKET, "big.pb"))
     assert isinstance(summary.error, ObjectTooLarge)
     message = summary.error.message
-    assert f"MAX_DECODED_BYTES={int(44 * MiB / STREAMED_RATIO)}" in message
-    assert "300 MB" in message and "ECS poller" in message
+    assert f"MAX_DECODED_BYTES={int((180 * MiB - RESERVED) / STREAMED_RATIO)}" in message
+    assert "180 MB" in message and "ECS poller" in message
 
 
 async def test_the_byte_budget_keeps_two_large_objects_from_loading_at_once(

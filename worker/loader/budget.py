@@ -4,9 +4,16 @@ the byte budget shared by the objects one process loads at once.
 - **The decoded cap.** With ``MAX_DECODED_BYTES`` unset, a process that knows
   its memory (``AWS_LAMBDA_FUNCTION_MEMORY_SIZE`` in Lambda, the cgroup limit on
   ECS) caps a decoded object at what fits: (memory - ``RESERVED``) / the
-  extract's ratio of peak memory to decoded bytes (``STREAMED_RATIO`` with
-  ``iterOutputData``, ``WHOLE_FILE_RATIO`` without). A larger object fails
-  permanently, with a message that names the cap and suggests the ECS poller.
+  extract's ratio of memory to decoded bytes. A larger object fails
+  permanently, with advice that names the ECS poller.
+- **The memory model** (measured by ``python -m benchmarks.decode_memory``,
+  held by tests/test_decode_memory.py): the runtime itself peaks at
+  ``RUNTIME_PEAK``; the streamed path holds the object's bytes
+  (``STREAMED_RATIO`` per decoded byte) and a working set of slices and
+  requests that does not grow with the file (``WORKING_SET``), whatever the
+  bytes hold; the whole-file path holds the bytes and ``MESSAGE_BYTES`` per
+  message upb builds, counted before it parses (``WHOLE_FILE_RATIO``: a
+  typical file's cost per byte, for the cap).
 - **The byte budget.** ``MAX_CONCURRENT_OBJECTS`` bounds a count, not memory.
   Each object reserves its stored size as soon as S3 answers (before a byte of
   the body is read), and its decoded size once it is whole; a new object waits
@@ -23,9 +30,12 @@ from pathlib import Path
 from worker.core.config import Settings
 
 MiB = 1024 * 1024
-RESERVED = 256 * MiB  # the interpreter, the SDK, clients and buffers
-STREAMED_RATIO = 2.0  # peak over decoded size, measured (benchmarks.memory): 1.1-1.7
-WHOLE_FILE_RATIO = 16.0  # measured 14-15 for the whole-file extract
+RUNTIME_PEAK = 96 * MiB  # the interpreter, the SDK and clients, loading a tiny file
+WORKING_SET = 64 * MiB  # the streamed path's slices and requests in flight, at most
+RESERVED = RUNTIME_PEAK + WORKING_SET
+STREAMED_RATIO = 1.25  # the bytes, and a gzipped object's compressed copy while it inflates
+MESSAGE_BYTES = 160  # upb's message and the reference extract's row dict, at most
+WHOLE_FILE_RATIO = 20.0  # measured 14 for a typical file; MESSAGE_BYTES counts 18.6
 DEFAULT_DECODED_CAP = 1024 * MiB  # when the process does not know its memory
 _CGROUP_LIMITS = (  # v2, then v1 (an unlimited v1 group reports about 2**63)
     Path("/sys/fs/cgroup/memory.max"),
@@ -47,19 +57,28 @@ def memory_limit(settings: Settings) -> int | None:
     return None
 
 
-def decoded_cap(settings: Settings, *, streamed: bool) -> tuple[int, str]:
-    """MAX_DECODED_BYTES, explicit or derived, and the advice its error carries."""
+def decoded_cap(settings: Settings, *, streamed: bool) -> int:
+    """MAX_DECODED_BYTES, explicit or derived."""
     if settings.max_decoded_bytes is not None:
-        return settings.max_decoded_bytes, ""
+        return settings.max_decoded_bytes
     limit = memory_limit(settings)
+    return DEFAULT_DECODED_CAP if limit is None else _what_fits(limit, streamed=streamed)
+
+
+def cap_advice(settings: Settings) -> str:
+    """What a decoded cap's error adds when the cap was derived from memory."""
+    limit = None if settings.max_decoded_bytes is not None else memory_limit(settings)
     if limit is None:
-        return DEFAULT_DECODED_CAP, ""
-    cap = _what_fits(limit, streamed=streamed)
-    advice = (
+        return ""
+    return (
         f" (derived from this process's {limit // MiB} MB of memory: load larger files "
         "with the ECS poller on a larger task, or give the function more memory)"
     )
-    return cap, advice
+
+
+def whole_file_memory(decoded_cap: int) -> int:
+    """The memory a whole-file decode may take: what the cap promises."""
+    return int(decoded_cap * WHOLE_FILE_RATIO)
 
 
 def budget_bytes(settings: Settings, *, streamed: bool) -> int | None:

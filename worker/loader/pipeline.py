@@ -31,7 +31,13 @@ from worker.core.errors import (
 )
 from worker.core.log import elapsed_ms, get_logger
 from worker.core.tracking import FileTracker, LoadedFile, TrackedFile
-from worker.loader.budget import ByteBudget, budget_bytes, decoded_cap
+from worker.loader.budget import (
+    ByteBudget,
+    budget_bytes,
+    cap_advice,
+    decoded_cap,
+    whole_file_memory,
+)
 from worker.loader.ddb_http import batch_write_client
 from worker.loader.extract import Extractor, Rows, Slice, Tables, WholeFile
 from worker.loader.items import Conversion, ConversionStats, ItemBuilder, Origin
@@ -120,7 +126,8 @@ class Loader:
             batch_write_client(clients, settings.write.path), settings.write
         )
         streamed = self.extractor.iterate is not None
-        self._limits = Limits(settings.max_object_bytes, *decoded_cap(settings, streamed=streamed))
+        cap = decoded_cap(settings, streamed=streamed)
+        self._limits = Limits(settings.max_object_bytes, cap, cap_advice(settings))
         self.budget = ByteBudget(budget_bytes(settings, streamed=streamed))
         self.tracker = tracker
 
@@ -219,7 +226,11 @@ class Loader:
         return Origin("file", absolute, revision, ""), data, len(raw), len(data)
 
     def _extract(self, data: Data, start: float) -> Tables:
-        tables = self.extractor.stream(data)
+        tables = self.extractor.stream(
+            data,
+            max_tables=self.settings.max_tables_per_file,
+            memory=whole_file_memory(self._limits.max_decoded_bytes),
+        )
         names = tables.table_names
         log.info(
             "object_decoded",

@@ -18,13 +18,22 @@ once: the memory-hungry path.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 from google.protobuf.message import DecodeError, Message
 
-from worker.core.errors import ConfigError, CorruptObject, ExtractFailed, WorkerError
+from worker.core.errors import (
+    ConfigError,
+    CorruptObject,
+    ExtractFailed,
+    ObjectTooLarge,
+    WorkerError,
+)
+from worker.loader.budget import MESSAGE_BYTES, MiB
+from worker.loader.extract.wire import message_count
 
 Rows = dict[str, list[dict[str, Any]]]
 Slice = tuple[str, list[dict[str, Any]]]  # (table name, some of its rows)
@@ -55,7 +64,8 @@ class Extractor:
 
     message_class: type[Message]
     process: Callable[[Any], Rows]
-    iterate: Callable[[bytes | bytearray], Iterable[Slice]] | None = None
+    iterate: Callable[..., Iterable[Slice]] | None = None
+    iterate_takes_max_tables: bool = False
 
     @classmethod
     def from_specs(cls, message_spec: str, extract_spec: str) -> Extractor:
@@ -72,25 +82,40 @@ class Extractor:
             )
         module = importlib.import_module(extract_spec.partition(":")[0])
         iterate = getattr(module, "iterOutputData", None)
-        return cls(
-            message_class=message_class,
-            process=process,
-            iterate=iterate if callable(iterate) else None,
-        )
+        if not callable(iterate):
+            return cls(message_class, process)
+        takes = "max_tables" in inspect.signature(iterate).parameters
+        return cls(message_class, process, iterate, iterate_takes_max_tables=takes)
 
-    def stream(self, data: bytes | bytearray) -> Tables:
-        """The file's rows as slices: streamed when the extract can, else the whole
-        file extracted at once and then sliced."""
+    def stream(
+        self, data: bytes | bytearray, *, max_tables: int | None = None, memory: int | None = None
+    ) -> Tables:
+        """The file's rows as slices: streamed when the extract can (``max_tables``
+        passed on when it takes it), else the whole file extracted at once, within
+        ``memory`` bytes, and then sliced."""
         if self.iterate is None:
-            return WholeFile(self.extract(data))
+            return WholeFile(self.extract(data, memory=memory))
         try:
+            if self.iterate_takes_max_tables:
+                return Tables(self.iterate(data, max_tables=max_tables))
             return Tables(self.iterate(data))
         except WorkerError:
             raise
         except Exception as exc:  # any plugin failure is this input's failure
             raise ExtractFailed(f"iterOutputData raised {exc!r}") from exc
 
-    def decode(self, data: bytes | bytearray) -> Message:
+    def decode(self, data: bytes | bytearray, *, memory: int | None = None) -> Message:
+        """The whole message; refused before upb parses it when its messages would
+        take more than ``memory`` bytes (``budget.MESSAGE_BYTES`` each)."""
+        if memory is not None:
+            need = len(data) + MESSAGE_BYTES * message_count(data, self.message_class.DESCRIPTOR)
+            if need > memory:
+                raise ObjectTooLarge(
+                    f"decoding the whole file would take about {need // MiB} MB,"
+                    f" over the {memory // MiB} MB MAX_DECODED_BYTES allows"
+                    " (a TABLE_EXTRACT with iterOutputData streams it)",
+                    size=len(data),
+                )
         message = self.message_class()
         try:
             message.ParseFromString(cast(bytes, data))  # upb reads any buffer, uncopied
@@ -105,9 +130,9 @@ class Extractor:
             )
         return message
 
-    def extract(self, data: bytes | bytearray) -> Rows:
+    def extract(self, data: bytes | bytearray, *, memory: int | None = None) -> Rows:
         """Decode and extract; CPU-bound, so callers run it in a thread."""
-        message = self.decode(data)
+        message = self.decode(data, memory=memory)
         try:
             tables = self.process(message)
         except WorkerError:

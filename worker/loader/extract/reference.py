@@ -4,8 +4,16 @@ Two entry points, the same rows:
 - ``processOutputData(output_file)``: the whole file as ``{table: [rows]}``,
   the contract every ``TABLE_EXTRACT`` keeps;
 - ``iterOutputData(data)``: the optional streaming contract. It walks the
-  ``OutputFile``'s wire format and parses one slice of one table's rows at a
-  time, so only the file's bytes and one slice of rows are ever in memory.
+  ``OutputFile``'s wire format (``wire``: upb's rules, so both paths give one
+  answer) and parses one slice of one table's rows at a time.
+
+**Bounded whatever the file holds.** The walk keeps no list of fields: a first
+pass checks the whole file (every tag, every string's UTF-8, every row slice
+through upb) and collects only the distinct table names, refusing past
+``max_tables``; iterating walks again, one table at a time, holding its name,
+columns and slice positions. A row larger than ``SLICE_BYTES`` is parsed a
+chunk of values at a time. So memory holds the file's bytes, one table's
+columns (at most ``MAX_COLUMNS``) and one slice, never a structure per field.
 """
 
 from __future__ import annotations
@@ -15,13 +23,18 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from worker.core.errors import CorruptObject
+from worker.core.errors import CorruptObject, ObjectTooLarge
 from worker.loader.extract import SLICE_ROWS
-from worker.loader.extract.outputfile_pb2 import OutputFile, Table
+from worker.loader.extract.outputfile_pb2 import OutputFile
+from worker.loader.extract.wire import LENGTH, MASK64, MAX_DEPTH, VARINT, Buffer, fields, varint
 
 Rows = dict[str, list[dict[str, Any]]]
-SLICE_BYTES = 4 * 1024 * 1024  # rows parsed at once: SLICE_ROWS, or this many bytes
-_TABLES, _NAME, _COLUMNS, _ROWS = 4, 1, 2, 3  # field numbers (outputfile.proto)
+SLICE_BYTES = 1024 * 1024  # rows parsed at once: SLICE_ROWS, or this many bytes
+MAX_COLUMNS = 100_000  # a table's columns: an item of 400 KB holds fewer attributes
+_FILE_ID, _SOURCE_URI, _CREATED_AT, _TABLES = 1, 2, 3, 4  # OutputFile's field numbers
+_NAME, _COLUMNS, _ROWS = 1, 2, 3  # Table's
+_VALUES = 1  # Row's
+_ROWS_SLICE, _BIG_ROW = -1, -2  # not field numbers
 
 
 def processOutputData(output_file: OutputFile) -> Rows:  # noqa: N802 - the layer's contract name
@@ -33,6 +46,7 @@ def processOutputData(output_file: OutputFile) -> Rows:  # noqa: N802 - the laye
     """
     tables: Rows = {}
     for table in output_file.tables:
+        _check_columns(table.name, len(table.columns))
         tables.setdefault(table.name, []).extend(_rows(list(table.columns), table.rows))
     return tables
 
@@ -50,109 +64,195 @@ def _rows(columns: list[str], rows: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _check_columns(name: str, count: int) -> None:
+    if count > MAX_COLUMNS:
+        raise ObjectTooLarge(
+            f"table {name!r} has {count} columns, over the {MAX_COLUMNS} a row can use",
+            columns=count,
+        )
+
+
 class OutputFileStream:
     """``iterOutputData``'s result: ``(table name, rows)`` slices in file order.
 
-    ``table_names`` is known before any row is parsed (a walk over the wire
-    format that skips the rows), so the loader can check the file's tables
-    before it creates one.
+    ``table_names`` (distinct, in file order) is known before any row is
+    converted: building the stream checks the whole file, so a corrupt file
+    fails before a table is made or a row written.
     """
 
-    def __init__(self, data: bytes | bytearray) -> None:
+    def __init__(self, data: Buffer, max_tables: int | None = None) -> None:
         self._data = memoryview(data)
-        self._tables = [_table_layout(self._data, start, end) for start, end in _table_spans(data)]
-        self.table_names = [name for name, _, _ in self._tables]
+        self.table_names = _check_file(self._data, max_tables)
 
     def __iter__(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-        for name, columns, row_spans in self._tables:
-            for start, end in row_spans:
-                try:
-                    rows = Table.FromString(bytes(self._data[start:end])).rows
-                except DecodeError as exc:
-                    raise CorruptObject(f"rows of table {name!r} do not decode: {exc}") from None
-                yield name, _rows(columns, rows)
+        data = self._data
+        for number, wire, _, start, end in fields(data, 0, len(data)):
+            if number != _TABLES or wire != LENGTH:
+                continue
+            name, columns, slices = _table_layout(data, start, end)
+            for kind, first, last in slices:
+                if kind == _ROWS_SLICE:
+                    yield name, _rows(columns, _parse_rows(data, first, last))
+                else:
+                    yield name, [_big_row(data, first, last, columns)]
 
 
-def iterOutputData(data: bytes | bytearray) -> OutputFileStream:  # noqa: N802 - the contract's name style
-    return OutputFileStream(data)
+def iterOutputData(data: Buffer, max_tables: int | None = None) -> OutputFileStream:  # noqa: N802
+    return OutputFileStream(data, max_tables)
 
 
-def _varint(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
-    byte = data[pos]
-    if byte < 0x80:  # nearly every tag and length
-        return byte, pos + 1
-    value, shift = 0, 0
-    while True:
-        if shift > 63:
-            raise CorruptObject("a varint of more than 10 bytes")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(
-    data: bytes | bytearray | memoryview, start: int, end: int
-) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, tag start, value start, value end) of every field."""
-    pos = start
-    try:
-        while pos < end:
-            at = pos
-            tag, pos = _varint(data, pos)
-            wire = tag & 7
-            value = pos
-            if wire == 2:
-                length, value = _varint(data, pos)
-                pos = value + length
-            elif wire == 0:
-                _, pos = _varint(data, pos)
-            elif wire in (1, 5):
-                pos += 8 if wire == 1 else 4
-            else:
-                raise CorruptObject(f"wire type {wire} is not used by OutputFile")
-            if pos > end:
-                raise CorruptObject("a field runs past the end of its message")
-            yield tag >> 3, at, value, pos
-    except IndexError:
-        raise CorruptObject("the file ends inside a field") from None
-
-
-def _table_spans(data: bytes | bytearray) -> list[tuple[int, int]]:
-    fields = list(_fields(data, 0, len(data)))
-    if not any(1 <= number <= _TABLES for number, _, _, _ in fields):
+def _check_file(data: memoryview, max_tables: int | None) -> list[str]:
+    """Every field of the file checked as upb would (rows through upb itself);
+    the distinct table names. Refuses a file with no known field set, as the
+    whole-message path does."""
+    names: dict[str, None] = {}
+    ids = {_FILE_ID: False, _SOURCE_URI: False}  # last value non-empty: a set field
+    created_at = False
+    for number, wire, _, start, end in fields(data, 0, len(data)):
+        if number in ids and wire == LENGTH:
+            _text(data, start, end, "file_id" if number == _FILE_ID else "source_uri")
+            ids[number] = end > start
+        elif number == _CREATED_AT and wire == VARINT:
+            created_at = varint(data, start)[0] & MASK64 != 0
+        elif number == _TABLES and wire == LENGTH:
+            names.setdefault(_check_table(data, start, end))
+            if max_tables is not None and len(names) > max_tables:
+                raise ObjectTooLarge(
+                    f"file holds more than {max_tables} tables,"
+                    f" over MAX_TABLES_PER_FILE={max_tables}",
+                    table_count=len(names),
+                )
+    if not (names or created_at or any(ids.values())):
         raise CorruptObject(
             "decodes to an empty tableextract.v1.OutputFile (no known field is set)"
         )
-    return [(s, e) for number, _, s, e in fields if number == _TABLES]
+    return list(names)
+
+
+def _check_table(data: memoryview, start: int, end: int) -> str:
+    name, columns = "", 0
+    for kind, first, last in _table_parts(data, start, end):
+        if kind == _NAME:
+            name = _text(data, first, last, "a table name")
+        elif kind == _COLUMNS:
+            _text(data, first, last, "a column name")
+            columns += 1
+        elif kind == _ROWS_SLICE:
+            _parse_rows(data, first, last)
+        else:
+            for values in _value_chunks(data, first, last):
+                _parse_values(data, values)
+    _check_columns(name, columns)
+    return name
 
 
 def _table_layout(
     data: memoryview, start: int, end: int
-) -> tuple[str, list[str], list[tuple[int, int]]]:
-    """A table's name, columns, and its rows cut into slices that each parse
-    as a ``Table`` holding only those rows (a message's fields may be split)."""
+) -> tuple[str, list[str], list[tuple[int, int, int]]]:
+    """A table's name, columns, and its rows as slices (each parses as a table
+    holding just those rows) or single large rows."""
     name, columns, slices = "", [], []
+    for kind, first, last in _table_parts(data, start, end):
+        if kind == _NAME:
+            name = _text(data, first, last, "a table name")
+        elif kind == _COLUMNS:
+            columns.append(_text(data, first, last, "a column name"))
+        else:
+            slices.append((kind, first, last))
+    return name, columns, slices
+
+
+def _table_parts(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """``(_NAME | _COLUMNS, value start, end)`` per name or column, and the rows
+    as ``(_ROWS_SLICE, first tag, end)`` or ``(_BIG_ROW, row start, end)``."""
     first = last = -1
     count = 0
-    for number, tag_start, s, e in _fields(data, start, end):
-        if number == _ROWS:
-            if first < 0:
-                first = tag_start
-            elif count >= SLICE_ROWS or e - first > SLICE_BYTES:
-                slices.append((first, last))
-                first, count = tag_start, 0
-            last, count = e, count + 1
+    for number, wire, at, value, value_end in fields(data, start, end, MAX_DEPTH - 1):
+        if wire != LENGTH or number not in (_NAME, _COLUMNS, _ROWS):
             continue
-        try:
-            if number == _NAME:
-                name = bytes(data[s:e]).decode()
-            elif number == _COLUMNS:
-                columns.append(bytes(data[s:e]).decode())
-        except UnicodeDecodeError:
-            raise CorruptObject("a table or column name is not UTF-8") from None
+        if number != _ROWS:
+            yield number, value, value_end
+            continue
+        if value_end - at > SLICE_BYTES:  # one row larger than a slice: alone, in chunks
+            if first >= 0:
+                yield _ROWS_SLICE, first, last
+                first = -1
+            yield _BIG_ROW, value, value_end
+            continue
+        if first < 0:
+            first, count = at, 0
+        elif count >= SLICE_ROWS or value_end - first > SLICE_BYTES:
+            yield _ROWS_SLICE, first, last
+            first, count = at, 0
+        last, count = value_end, count + 1
     if first >= 0:
-        slices.append((first, last))
-    return name, columns, slices
+        yield _ROWS_SLICE, first, last
+
+
+def _parse_rows(data: memoryview, first: int, last: int) -> Any:
+    """The rows in ``data[first:last]``, parsed by upb."""
+    try:
+        return _in_file(bytes(data[first:last])).tables[0].rows
+    except DecodeError as exc:
+        raise CorruptObject(f"rows do not decode: {exc}") from None
+
+
+def _value_chunks(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """A large row's values as spans of at most about ``SLICE_BYTES``."""
+    first = last = -1
+    for number, wire, at, _, value_end in fields(data, start, end, MAX_DEPTH - 2):
+        if number != _VALUES or wire != LENGTH:
+            continue
+        if first >= 0 and value_end - first > SLICE_BYTES:
+            yield first, last
+            first = -1
+        if first < 0:
+            first = at
+        last = value_end
+    if first >= 0:
+        yield first, last
+
+
+def _parse_values(data: memoryview, span: tuple[int, int]) -> Any:
+    row = bytes(data[span[0] : span[1]])
+    try:
+        return _in_file(b"\x1a" + _length(len(row)) + row).tables[0].rows[0].values
+    except DecodeError as exc:
+        raise CorruptObject(f"a row does not decode: {exc}") from None
+
+
+def _in_file(rows: bytes) -> OutputFile:
+    """``rows`` (a table's fields) as the one table of a file, so upb counts
+    nesting as in the file."""
+    return OutputFile.FromString(b"\x22" + _length(len(rows)) + rows)
+
+
+def _big_row(data: memoryview, start: int, end: int, columns: list[str]) -> dict[str, Any]:
+    """One row larger than a slice, built a chunk of values at a time."""
+    record: dict[str, Any] = {}
+    index = 0
+    for span in _value_chunks(data, start, end):
+        for value in _parse_values(data, span):
+            if index >= len(columns):
+                return record
+            kind = value.WhichOneof("kind")
+            if kind is not None:
+                record[columns[index]] = getattr(value, kind)
+            index += 1
+    return record
+
+
+def _length(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _text(data: memoryview, start: int, end: int, what: str) -> str:
+    try:
+        return str(data[start:end], "utf-8")
+    except UnicodeDecodeError:
+        raise CorruptObject(f"{what} is not UTF-8") from None
