@@ -113,7 +113,7 @@ def test_derived_ids_are_deterministic_and_distinct_per_row() -> None:
     assert first == again and first[0] != first[1]
     numeric = [i["id"]["N"] for i in convert(rows, schema=N_KEY).items]
     assert all(0 <= int(n) < 2**63 for n in numeric)
-    other = ItemBuilder(S_KEY, "null", Origin("bucket", "key.pb", "etag2", "orders"))
+    other: Any = ItemBuilder(S_KEY, "null", Origin("bucket", "key.pb", "etag2", "orders"))
     assert [i["id"] for i in other.convert(rows).items] != first
 
 

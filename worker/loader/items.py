@@ -20,15 +20,19 @@ from __future__ import annotations
 import math
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Context, Decimal
 from hashlib import blake2b
 from typing import Any, Literal
 
+import orjson
+
 from worker.core.config import NanPolicy
 
 Attr = dict[str, Any]
 Item = dict[str, Attr]
+Encoded = Item | orjson.Fragment  # an item, or its JSON text (``worker.loader.encode``)
 KeyType = Literal["S", "N", "B"]
 
 MAX_ITEM_BYTES = 400 * 1024
@@ -98,11 +102,11 @@ class Conversion:
     keys, equal hashes), and what happened to the rows that are not there (the
     builder's stats, over every ``convert`` so far)."""
 
-    items: list[Item] = field(default_factory=list)
+    items: list[Encoded] = field(default_factory=list)
     stats: ConversionStats = field(default_factory=ConversionStats)
     keys: list[int] = field(default_factory=list)
 
-    def take_items(self) -> list[Item]:
+    def take_items(self) -> list[Encoded]:
         """Hand the items over, keeping no reference, so they can be freed as written."""
         items, self.items = self.items, []
         return items
@@ -126,7 +130,7 @@ class ItemBuilder:
         self.stats = ConversionStats()
         self._name_sizes: dict[str, int] = {}
 
-    def convert(self, rows: list[dict[str, Any]], first_index: int = 0) -> Conversion:
+    def convert(self, rows: Sequence[dict[str, Any]], first_index: int = 0) -> Conversion:
         """Build the items of ``rows`` (the table's rows from ``first_index`` on, which
         seeds the derived ids): unique keys, last row wins, skips counted."""
         single = self.schema.hash if self.schema.range is None else None
@@ -231,11 +235,7 @@ class ItemBuilder:
             return {"S": str(value)} if isinstance(value, str) or plain_int else None
         if isinstance(value, str):
             return {"N": str(int(value))} if _is_int_text(value) else None
-        try:
-            attr = self._value(value, in_list=False)
-        except _UnsupportedError:
-            return None
-        return attr if attr is not None and "N" in attr else None
+        return None  # a value that converts to N is the row's own key: it never gets here
 
     def _derived_key(self, index: int, key: KeyAttribute) -> Attr:
         seed = self.origin.seed(index, key.name)

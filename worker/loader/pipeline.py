@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import hashlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from worker.loader.budget import (
     whole_file_memory,
 )
 from worker.loader.ddb_http import batch_write_client
+from worker.loader.encode import FusedBuilder
 from worker.loader.extract import Extractor, Rows, Slice, Tables, WholeFile
 from worker.loader.items import Conversion, ConversionStats, ItemBuilder, Origin
 from worker.loader.messages import ObjectRef
@@ -126,6 +127,8 @@ class Loader:
             batch_write_client(clients, settings.write.path), settings.write
         )
         streamed = self.extractor.iterate is not None
+        # rows straight to item texts: the reference extract, on the orjson write path
+        self._fused = self.extractor.fusable and settings.write.path == "fast"
         cap = decoded_cap(settings, streamed=streamed)
         self._limits = Limits(settings.max_object_bytes, cap, cap_advice(settings))
         self.budget = ByteBudget(budget_bytes(settings, streamed=streamed))
@@ -230,6 +233,7 @@ class Loader:
             data,
             max_tables=self.settings.max_tables_per_file,
             memory=whole_file_memory(self._limits.max_decoded_bytes),
+            raw=self._fused,
         )
         names = tables.table_names
         log.info(
@@ -293,7 +297,7 @@ class Loader:
             table.track(task, converted.keys)
 
     async def _open(
-        self, plan: _Plan, source: Origin, name: str, rows: list[dict[str, Any]]
+        self, plan: _Plan, source: Origin, name: str, rows: Sequence[dict[str, Any]]
     ) -> _Table | None:
         """The table this slice goes to (made when it is new), or None if it failed."""
         table = plan.tables.get(name)
@@ -310,7 +314,9 @@ class Loader:
                     plan.fail(name, result, exc)
                     return None
             origin = dataclasses.replace(source, table=name)
-            builder = ItemBuilder(schema, self.settings.nan_policy, origin)
+            builder = (FusedBuilder if self._fused else ItemBuilder)(
+                schema, self.settings.nan_policy, origin
+            )
             table = plan.tables[name] = _Table(plan, name, result, builder)
         table.result.rows += len(rows)
         return table if table.result.error is None and rows else None
@@ -468,7 +474,9 @@ class _Table:
     """One table of one file being written: its builder, where its next slice
     starts, and the keys of its slices still in flight."""
 
-    def __init__(self, plan: _Plan, name: str, result: TableSummary, builder: ItemBuilder) -> None:
+    def __init__(
+        self, plan: _Plan, name: str, result: TableSummary, builder: ItemBuilder | FusedBuilder
+    ) -> None:
         self.plan = plan
         self.name = name
         self.result = result

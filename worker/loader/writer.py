@@ -1,7 +1,9 @@
 """The batch writer: chunk, bounded window, adaptive backoff (ARCHITECTURE.md, "Writing").
 
 - Each BatchWriteItem carries at most 25 items; keys are unique per request
-  because ``worker.loader.items`` already keeps one item per key. 25 items of at most
+  because ``worker.loader.items`` already keeps one item per key. An item is a
+  dict of attribute values or, from the fused encoder, its JSON text, which
+  the request body embeds as it is; UnprocessedItems come back as dicts. 25 items of at most
   400 KB stay under the 16 MB request limit.
 - One ``Window`` per process bounds the requests in flight across every table
   of every file. A slot is taken *before* a chunk's task is created, so a large
@@ -22,7 +24,7 @@ import asyncio
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,7 @@ from worker.core.aws import (
 )
 from worker.core.config import WriteSettings
 from worker.core.errors import InvalidTable, TransientAwsError, WorkerError, WriteThrottled
-from worker.loader.items import Item
+from worker.loader.items import Encoded
 
 if TYPE_CHECKING:
     from worker.loader.ddb_http import BatchWriteClient
@@ -165,7 +167,7 @@ class BatchWriter:
     async def write(
         self,
         table: str,
-        items: list[Item],
+        items: Sequence[Encoded],
         *,
         on_dispatched: Callable[[], object] | None = None,
         stats: WriteStats | None = None,
@@ -196,7 +198,9 @@ class BatchWriter:
             stats.ms += round((time.perf_counter() - start) * 1000)
         return stats
 
-    async def _send(self, table: str, pending: list[Item], slot: Slot, stats: WriteStats) -> None:
+    async def _send(
+        self, table: str, pending: Sequence[Encoded], slot: Slot, stats: WriteStats
+    ) -> None:
         backoff = self._settings.backoff
         try:
             attempt = 0
@@ -221,8 +225,8 @@ class BatchWriter:
         )
 
     async def _attempt(
-        self, table: str, pending: list[Item], slot: Slot, stats: WriteStats
-    ) -> list[Item]:
+        self, table: str, pending: Sequence[Encoded], slot: Slot, stats: WriteStats
+    ) -> Sequence[Encoded]:
         """One BatchWriteItem; returns the items still to write."""
         request = {table: [{"PutRequest": {"Item": item}} for item in pending]}
         try:

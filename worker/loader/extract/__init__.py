@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -36,8 +36,9 @@ from worker.loader.budget import MESSAGE_BYTES, MiB
 from worker.loader.extract.wire import message_count
 
 Rows = dict[str, list[dict[str, Any]]]
-Slice = tuple[str, list[dict[str, Any]]]  # (table name, some of its rows)
+Slice = tuple[str, Sequence[dict[str, Any]]]  # (table name, some of its rows)
 SLICE_ROWS = 4096
+_REFERENCE = "worker.loader.extract.reference"
 
 
 def load_plugin(spec: str, variable: str) -> Any:
@@ -87,15 +88,29 @@ class Extractor:
         takes = "max_tables" in inspect.signature(iterate).parameters
         return cls(message_class, process, iterate, iterate_takes_max_tables=takes)
 
+    @property
+    def fusable(self) -> bool:
+        """The bundled reference extract streams: its slices can go to the fused
+        encoder as upb parsed them (``reference.RowSlice``)."""
+        return getattr(self.iterate, "__module__", None) == _REFERENCE
+
     def stream(
-        self, data: bytes | bytearray, *, max_tables: int | None = None, memory: int | None = None
+        self,
+        data: bytes | bytearray,
+        *,
+        max_tables: int | None = None,
+        memory: int | None = None,
+        raw: bool = False,
     ) -> Tables:
         """The file's rows as slices: streamed when the extract can (``max_tables``
-        passed on when it takes it), else the whole file extracted at once, within
-        ``memory`` bytes, and then sliced."""
+        passed on when it takes it; ``raw``: as ``RowSlice`` when ``fusable``),
+        else the whole file extracted at once, within ``memory`` bytes, and then
+        sliced."""
         if self.iterate is None:
             return WholeFile(self.extract(data, memory=memory))
         try:
+            if raw and self.fusable:
+                return Tables(self.iterate(data, max_tables=max_tables, raw=True))
             if self.iterate_takes_max_tables:
                 return Tables(self.iterate(data, max_tables=max_tables))
             return Tables(self.iterate(data))
@@ -164,7 +179,12 @@ class Tables:
                 raise ExtractFailed(f"iterOutputData raised {exc!r}") from exc
             if got is None:
                 return
-            if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], list)):
+            if not (
+                isinstance(got, tuple)
+                and len(got) == 2
+                and isinstance(got[1], Sequence)
+                and not isinstance(got[1], str | bytes)
+            ):
                 raise ExtractFailed(
                     f"iterOutputData yielded {type(got).__name__}, not (name, rows)"
                 )

@@ -18,8 +18,8 @@ columns (at most ``MAX_COLUMNS``) and one slice, never a structure per field.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 from google.protobuf.message import DecodeError
 
@@ -72,6 +72,33 @@ def _check_columns(name: str, count: int) -> None:
         )
 
 
+class RowSlice(Sequence[dict[str, Any]]):
+    """Some rows of one table as upb parsed them, with the table's columns: what
+    the fused encoder (``worker.loader.encode``) reads; as a sequence, the rows
+    as dicts."""
+
+    __slots__ = ("columns", "rows")
+
+    def __init__(self, columns: list[str], rows: Any) -> None:
+        self.columns = columns
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return _rows(self.columns, self.rows[index])
+        return _rows(self.columns, [self.rows[index]])[0]
+
+    def dicts(self) -> list[dict[str, Any]]:
+        return _rows(self.columns, self.rows)
+
+
 class OutputFileStream:
     """``iterOutputData``'s result: ``(table name, rows)`` slices in file order.
 
@@ -80,11 +107,12 @@ class OutputFileStream:
     fails before a table is made or a row written.
     """
 
-    def __init__(self, data: Buffer, max_tables: int | None = None) -> None:
+    def __init__(self, data: Buffer, max_tables: int | None = None, *, raw: bool = False) -> None:
         self._data = memoryview(data)
+        self._raw = raw
         self.table_names = _check_file(self._data, max_tables)
 
-    def __iter__(self) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    def __iter__(self) -> Iterator[tuple[str, list[dict[str, Any]] | RowSlice]]:
         data = self._data
         for number, wire, _, start, end in fields(data, 0, len(data)):
             if number != _TABLES or wire != LENGTH:
@@ -92,13 +120,17 @@ class OutputFileStream:
             name, columns, slices = _table_layout(data, start, end)
             for kind, first, last in slices:
                 if kind == _ROWS_SLICE:
-                    yield name, _rows(columns, _parse_rows(data, first, last))
+                    rows = RowSlice(columns, _parse_rows(data, first, last))
+                    yield name, rows if self._raw else rows.dicts()
                 else:
                     yield name, [_big_row(data, first, last, columns)]
 
 
-def iterOutputData(data: Buffer, max_tables: int | None = None) -> OutputFileStream:  # noqa: N802
-    return OutputFileStream(data, max_tables)
+def iterOutputData(  # noqa: N802 - the contract's name style
+    data: Buffer, max_tables: int | None = None, *, raw: bool = False
+) -> OutputFileStream:
+    """``raw``: slices as ``RowSlice`` (the fused encoder's input), not dicts."""
+    return OutputFileStream(data, max_tables, raw=raw)
 
 
 def _check_file(data: memoryview, max_tables: int | None) -> list[str]:
