@@ -30,7 +30,8 @@ import boto3
 import orjson
 
 from benchmarks.servers import local_aws_env, moto_process
-from worker.cdc.lake import apply_changes, maintain
+from worker.cdc.lake import apply_changes
+from worker.cdc.maintain import maintain
 from worker.core import log
 from worker.core.aws import Clients
 

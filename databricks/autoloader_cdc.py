@@ -12,25 +12,37 @@ cannot drift.
         --checkpoint s3://lake/_checkpoints/orders [--format parquet] \\
         [--processing-time "1 minute"]
     python autoloader_cdc.py --target main.cdc.orders --maintain   # a daily task
+    python autoloader_cdc.py --target main.cdc.orders --keys id \
+        --bootstrap s3://lake/exports/AWSDynamoDB/EXPORT_ID       # once, before the stream
 
 Without ``--processing-time`` the job runs with ``availableNow`` (process what
 is there, then stop): schedule it as a Databricks job. Tombstones live in
 ``{target}_cdc_tombstones``; readers of the target need not know about them.
 Progress is Auto Loader's own checkpoint, which Delta's log cleanup never
 touches. The ``worker`` wheel must be installed on the cluster.
+
+``--bootstrap`` loads a DynamoDB full export (``DYNAMODB_JSON``) into a new
+target, items converted by ``worker.cdc.images`` and named by
+``rules.column_names`` as the stream's are, with sequence number 0, and
+records the export's time in ``{target}_cdc_cutover``; the stream job then
+drops every change recorded before the export's second (``rules.AFTER_CUTOVER``,
+the rule ``worker lake apply`` uses).
 """
 
 from __future__ import annotations
 
 import argparse
+from datetime import datetime
 from typing import Any
 
+import orjson
 from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F  # noqa: N812 - the PySpark convention
 from pyspark.sql.types import ArrayType, MapType, StructType
 
 from worker.cdc import cdc_rules as rules
+from worker.cdc.images import convert_image
 
 APP_ID_PREFIX = "worker-cdc-autoloader"
 JSON_COLUMNS = ("keys", "new_image")  # JSON text in Parquet parts
@@ -44,17 +56,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=["json", "parquet"], default="json")
     parser.add_argument("--processing-time", default=None, help='e.g. "1 minute"')
     parser.add_argument("--maintain", action="store_true", help="expire, optimize, vacuum")
+    parser.add_argument("--bootstrap", help="s3://.../AWSDynamoDB/EXPORT_ID: a full export")
+    parser.add_argument("--keys", help="the key attributes, comma-separated (with --bootstrap)")
     parser.add_argument(
         "--tombstone-retention-hours", type=int, default=rules.TOMBSTONE_RETENTION_HOURS
     )
     args = parser.parse_args(argv)
-    if not args.maintain and not (args.source and args.checkpoint):
-        parser.error("--source and --checkpoint are required unless --maintain")
+    if args.bootstrap and not args.keys:
+        parser.error("--bootstrap needs --keys")
+    if not (args.maintain or args.bootstrap) and not (args.source and args.checkpoint):
+        parser.error("--source and --checkpoint are required unless --maintain or --bootstrap")
     return args
 
 
 def tombstone_table(target: str) -> str:
     return f"{target}_cdc_tombstones"
+
+
+def cutover_table(target: str) -> str:
+    return f"{target}_cdc_cutover"
+
+
+def bootstrap(spark: SparkSession, export: str, target: str, keys: list[str]) -> None:
+    """A full export into a new target, and the export's time as its cut-over."""
+    export = export.rstrip("/")
+    summary = orjson.loads(spark.sparkContext.wholeTextFiles(f"{export}/manifest-summary.json")
+                           .first()[1])  # fmt: skip
+    if summary.get("exportType", "FULL_EXPORT") != "FULL_EXPORT":
+        raise SystemExit(f"{export} is not a full export")
+    bucket = export[: export.index("/", len("s3://"))]
+    listing = spark.read.json(f"{bucket}/{summary['manifestFilesS3Key']}")
+    paths = [f"{bucket}/{row.dataFileS3Key}" for row in listing.select("dataFileS3Key").collect()]
+    export_ms = int(datetime.fromisoformat(summary["exportTime"].replace("Z", "+00:00"))
+                    .timestamp() * 1000)  # fmt: skip
+    convert = F.udf(lambda line: orjson.dumps(convert_image(orjson.loads(line)["Item"])).decode())
+    images = spark.read.text(paths).select(convert("value").alias("new_image"))
+    schema = spark.read.json(images.rdd.map(lambda row: row[0])).schema
+    envelopes = images.select(F.from_json("new_image", schema).alias("new_image"))
+    envelopes = envelopes.select(
+        F.struct(*[F.col(f"new_image.`{k}`").alias(k) for k in keys]).alias("keys"),
+        "new_image",
+        F.lit("0").alias("sequence_number"),
+        F.lit(export_ms).alias("approx_creation_time_ms"),
+        F.lit(False).alias("is_deleted"),
+    )
+    flat, _ = flatten(envelopes, [])
+    flat.drop(rules.DELETE_COLUMN).write.format("delta").mode("errorifexists").saveAsTable(target)
+    spark.createDataFrame(
+        [(summary["exportArn"], export_ms)], "export_arn string, export_time_ms long"
+    ).write.format("delta").mode("append").saveAsTable(cutover_table(target))
+
+
+def after_cutover(spark: SparkSession, flat: DataFrame, target: str) -> DataFrame:
+    """The changes a bootstrap's export may not hold (none dropped without one)."""
+    if not spark.catalog.tableExists(cutover_table(target)):
+        return flat
+    cutover_ms = spark.table(cutover_table(target)).agg(F.max("export_time_ms")).first()[0]
+    keep = rules.AFTER_CUTOVER.format(cutover=f"timestamp_millis({int(cutover_ms)})")
+    return flat.alias(rules.SOURCE_ALIAS).where(keep).select(f"{rules.SOURCE_ALIAS}.*")
 
 
 def parse_images(spark: SparkSession, batch: DataFrame) -> DataFrame:
@@ -140,6 +199,7 @@ def make_upsert(spark: SparkSession, target: str, source: str, fmt: str) -> Any:
             batch = parse_images(spark, batch)
         existing = spark.table(target).columns if spark.catalog.tableExists(target) else []
         flat, keys = flatten(batch, existing)
+        flat = after_cutover(spark, flat, target)
         changes = not_tombstoned(spark, latest_per_key(flat, keys), tombstones, keys).persist()
         columns = [c for c in changes.columns if c != rules.DELETE_COLUMN]
         if not spark.catalog.tableExists(target):
@@ -182,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     spark = SparkSession.builder.getOrCreate()
     if args.maintain:
         maintain(spark, args.target, args.tombstone_retention_hours)
+        return
+    if args.bootstrap:
+        keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+        bootstrap(spark, args.bootstrap, args.target, keys)
         return
     spark.conf.set("spark.sql.caseSensitive", "true")  # "Name" and "name" are two attributes
     stream = (

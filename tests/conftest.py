@@ -265,3 +265,17 @@ def call(api: Api) -> Call:
         return await api.handle(Request(method, path, query, headers, data))
 
     return request
+
+
+LAKE = "lake"  # the CDC tests' bucket: stream parts, exports
+
+
+@pytest.fixture
+def lake(moto: str, install_runtime: Callable[[Settings], Any]) -> Callable[..., None]:
+    """The lake bucket, and a way to give the handler its stream settings."""
+    from worker.core.config import StreamSettings
+
+    boto3.client("s3", endpoint_url=moto).create_bucket(Bucket=LAKE)
+    return lambda **streams: install_runtime(
+        Settings(streams=StreamSettings(bucket=LAKE, **streams))
+    )

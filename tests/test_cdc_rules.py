@@ -88,6 +88,11 @@ def test_the_databricks_job_takes_its_semantics_from_the_shared_rules() -> None:
     assert upsert.index("merge_tombstones(") < upsert.index("DeltaTable.forName(spark, target)")
     assert "TOMBSTONE_RETENTION_HOURS" in ast.unparse(functions["parse_args"])
     assert "EVENT_TIME_COLUMN" in ast.unparse(functions["maintain"])
+    # the bootstrap: items converted and named as the stream's; the seam rule from cdc_rules
+    boot = ast.unparse(functions["bootstrap"])
+    assert "convert_image" in boot and "flatten(" in boot and "cutover_table(" in boot
+    assert "rules.AFTER_CUTOVER" in ast.unparse(functions["after_cutover"])
+    assert upsert.index("after_cutover(") < upsert.index("not_tombstoned(")
 
 
 @pytest.mark.parametrize("bad", ["-5", "12a", "", "1.5", "٣"])
@@ -171,3 +176,22 @@ def test_the_merge_conditions_are_the_decide_rule_in_a_sql_engine(tmp_path: Path
 
 def pad(number: int | None) -> str | None:
     return None if number is None else rules.padded_sequence(number)
+
+
+def test_the_seam_in_sql_is_the_after_cutover_rule(tmp_path: Path) -> None:
+    """``AFTER_CUTOVER`` (the Databricks job's filter), evaluated by DataFusion,
+    keeps exactly the changes ``after_cutover`` keeps."""
+    import pyarrow as pa
+    from deltalake import DeltaTable, QueryBuilder, write_deltalake
+
+    cutover = 1_700_000_010_500
+    times = [cutover + delta for delta in (-1501, -1000, -501, -500, -1, 0, 1, 499, 500, 1500)]
+    table = pa.table({"id": list(range(len(times))),
+                      rules.EVENT_TIME_COLUMN: pa.array(times, pa.timestamp("ms"))})  # fmt: skip
+    write_deltalake(str(tmp_path / "s"), table)
+    keep = rules.AFTER_CUTOVER.format(cutover=f"to_timestamp_millis({cutover})")
+    sql = f"SELECT {rules.SOURCE_ALIAS}.id FROM {rules.SOURCE_ALIAS} WHERE {keep}"
+    builder = QueryBuilder().register(rules.SOURCE_ALIAS, DeltaTable(str(tmp_path / "s")))
+    kept = {row["id"] for row in pa.table(builder.execute(sql).read_all()).to_pylist()}
+    assert kept == {i for i, t in enumerate(times) if rules.after_cutover(t, cutover)}
+    assert 0 < len(kept) < len(times)

@@ -21,18 +21,18 @@ import pytest
 
 import lambda_entry
 from tests import factories as f
-from tests.conftest import scan
+from tests.conftest import LAKE, scan
 from tests.fault_proxy import S3Faults
 from tests.processes import ROOT
 from worker.cdc import cdc_rules as rules
 from worker.cdc.buffer import record_from_sdk
 from worker.cdc.images import convert_image
-from worker.cdc.lake import ApplyResult, apply_changes, maintain, read_table
+from worker.cdc.lake import ApplyResult, apply_changes, read_table
+from worker.cdc.maintain import maintain
 from worker.cdc.parts import decode_part
 from worker.core.aws import Clients
-from worker.core.config import AwsSettings, Settings, StreamSettings
+from worker.core.config import AwsSettings
 
-LAKE = "lake"
 SOURCE = f"s3://{LAKE}/cdc/src"
 META = {rules.SEQUENCE_COLUMN, rules.EVENT_TIME_COLUMN}
 
@@ -190,15 +190,6 @@ def apply(target: str) -> ApplyResult:
             return await apply_changes(clients.s3, SOURCE, target)
 
     return asyncio.run(run())
-
-
-@pytest.fixture
-def lake(moto: str, install_runtime: Callable[[Settings], Any]) -> Callable[..., None]:
-    """The lake bucket, and a way to give the handler its stream settings."""
-    boto3.client("s3", endpoint_url=moto).create_bucket(Bucket=LAKE)
-    return lambda **streams: install_runtime(
-        Settings(streams=StreamSettings(bucket=LAKE, **streams))
-    )
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 SEQUENCE_WIDTH = 40  # DynamoDB documents sequence numbers of 21 to 40 digits
@@ -51,6 +52,8 @@ NOT_TOMBSTONED = (
     f"OR {SOURCE_ALIAS}.{SEQUENCE_COLUMN} > {TOMBSTONE_ALIAS}.{SEQUENCE_COLUMN}"
 )
 TOMBSTONE_RETENTION_HOURS = 7 * 24  # LAKE_TOMBSTONE_RETENTION_HOURS' default
+# The seam after a bootstrap: a change the export may not hold (README, "Bootstrap").
+AFTER_CUTOVER = f"{SOURCE_ALIAS}.{EVENT_TIME_COLUMN} >= date_trunc('second', {{cutover}})"
 
 Action = Literal["insert", "update", "delete"]
 
@@ -87,6 +90,28 @@ def decide(
     if sequence <= live:
         return None
     return "delete" if is_delete else "update"
+
+
+def after_cutover(event_time_ms: int, cutover_ms: int) -> bool:
+    """Whether a stream change is applied on top of a table bootstrapped from an
+    export consistent at ``cutover_ms``: every change recorded in the export's
+    second or later (``AFTER_CUTOVER``).
+
+    A stream record's time is its second (``ApproximateCreationDateTime``,
+    rounded down); the export's is to the millisecond. A change recorded before
+    the export's second happened before the export, which holds it or a later
+    change: dropped. One recorded in that second may be on either side: it is
+    applied, and that is exact, because every later change of its key is in
+    the stream too (recorded in that second or after) and wins by sequence
+    number; if none follows, the change is the last before the export and
+    rewrites what the export holds.
+    """
+    return event_time_ms >= cutover_ms - cutover_ms % 1000
+
+
+def tombstone_expired(cutoff: datetime) -> str:
+    """The tombstones ``lake maintain`` deletes: deletes older than ``cutoff``."""
+    return f"{EVENT_TIME_COLUMN} < '{cutoff.astimezone(UTC):%Y-%m-%dT%H:%M:%S.%fZ}'"
 
 
 def merge_predicate(key_columns: Sequence[str], target: str = TARGET_ALIAS) -> str:

@@ -1,14 +1,18 @@
-"""``worker lake apply`` and ``worker lake maintain``: a Delta table kept equal to
-its DynamoDB source, from the stream parts in S3.
+"""``worker lake apply``: a Delta table kept equal to its DynamoDB source, from the
+stream parts in S3 (``lake bootstrap`` starts it from an export, ``lake
+maintain`` keeps it small, ``lake repair`` rebuilds what state it can prove).
 
 - **Semantics** are ``worker.cdc.cdc_rules``: latest change per key, deletes
   applied, and nothing older than the key's last applied change (its live row or
   its tombstone) ever overwrites.
-- **State beside the target.** Two sidecar Delta tables live at
-  ``{target}_cdc/``: ``tombstones`` (key columns, ``_sequence_number``,
-  ``_event_time``: one row per deleted key) and ``progress`` (``source``,
-  ``part``, ``version``, ``applied_at``: one row per applied part). The target
-  itself holds only live rows, so any Delta reader gets the right answer alone.
+- **State beside the target.** Sidecar Delta tables live at ``{target}_cdc/``:
+  ``tombstones`` (key columns, ``_sequence_number``, ``_event_time``: one row
+  per deleted key), ``progress`` (``source``, ``part``, ``version``,
+  ``applied_at``: one row per applied part) and, after a bootstrap,
+  ``cutover`` (the export and its time). The target itself holds only live
+  rows, so any Delta reader gets the right answer alone. Both sidecars are
+  made before the target, so a target without them is state that was lost:
+  apply refuses it with one line, and ``lake repair`` says what it can prove.
 - **Order of commits**, so a crash anywhere is harmless: tombstones first (they
   only ever refuse older changes, so early ones change nothing), then the
   target's MERGE (which also names its parts in the commit's metadata and takes
@@ -27,16 +31,20 @@ its DynamoDB source, from the stream parts in S3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import orjson
 
 from worker.cdc import cdc_rules as rules
+from worker.cdc.exports import list_incremental, read_incremental
 from worker.cdc.parts import list_parts, read_parts
+from worker.cdc.rows import arrow_table, to_rows
+from worker.core.backoff import Backoff
 from worker.core.config import AwsSettings
 from worker.core.errors import LakeError
 from worker.core.log import get_logger
@@ -55,6 +63,9 @@ METADATA_SOURCE = "worker.cdc.source"
 STATE_SUFFIX = "_cdc"
 Options = dict[str, str] | None
 T = TypeVar("T")
+SourceFormat = Literal["parts", "incremental-export"]
+INCREMENTAL_PREFIX = "incremental-export:"  # the progress source of incremental exports
+COMMIT_BACKOFF = Backoff(base_s=0.05, cap_s=2.0, attempts=10)  # a concurrent writer's commit
 
 
 @dataclass(slots=True)
@@ -63,6 +74,7 @@ class ApplyResult:
     changes: int = 0
     rows: int = 0  # after the latest-per-key dedupe
     refused: int = 0  # no newer than the key's tombstone
+    before_cutover: int = 0  # changes the bootstrap's export already holds
     version: int | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -82,102 +94,69 @@ class Lake:
     def progress(self) -> str:
         return f"{self.target.rstrip('/')}{STATE_SUFFIX}/progress"
 
+    @property
+    def cutover(self) -> str:
+        return f"{self.target.rstrip('/')}{STATE_SUFFIX}/cutover"
+
+    @property
+    def sidecars(self) -> tuple[str, str, str]:
+        return self.tombstones, self.progress, self.cutover
+
     def load(self, uri: str) -> DeltaTable | None:
+        """The Delta table at ``uri``, None when there is none; a LakeError in one
+        line when one is there but cannot be opened."""
         from deltalake import DeltaTable
+        from deltalake.exceptions import DeltaError
 
-        if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
-            return None
-        return DeltaTable(uri, storage_options=self.storage_options)
+        try:
+            if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                return None
+            return DeltaTable(uri, storage_options=self.storage_options)
+        except (DeltaError, OSError) as exc:
+            raise LakeError(f"{uri} cannot be opened: {_first_line(exc)}", target=uri) from None
 
-
-def to_rows(
-    changes: Iterable[Mapping[str, Any]], existing: Iterable[str] = ()
-) -> tuple[list[str], list[dict[str, Any]]]:
-    """Envelopes -> one flat row per key (latest change), plus the key column names.
-    Attribute names become columns through ``cdc_rules.column_names``."""
-    changes = list(changes)
-    attributes = {
-        name
-        for change in changes
-        for image in (change["keys"], change["new_image"] or {})
-        for name in image
-    }
-    columns = rules.column_names(attributes, existing)
-    flat: list[dict[str, Any]] = []
-    key_columns: list[str] | None = None
-    for change in changes:
-        keys = {columns[k]: v for k, v in change["keys"].items()}
-        if key_columns is None:
-            key_columns = sorted(keys)
-        elif sorted(keys) != key_columns:
-            raise LakeError(
-                f"change {change['event_id']} has keys {sorted(keys)}, not {key_columns}"
-            )
-        image = {} if change["is_deleted"] else (change["new_image"] or {})
-        row = {columns[k]: v for k, v in image.items()}
-        row.update(keys)
-        row[rules.SEQUENCE_COLUMN] = rules.padded_sequence(change["sequence_number"])
-        row[rules.EVENT_TIME_COLUMN] = change["approx_creation_time_ms"]
-        row[rules.DELETE_COLUMN] = bool(change["is_deleted"])
-        flat.append(row)
-    if key_columns is None:
-        return [], []
-    return key_columns, [dict(r) for r in rules.latest_per_key(flat, key_columns)]
+    def check_state(self, table: DeltaTable | None) -> None:
+        """A target's sidecars are there and open (they are made before it)."""
+        if table is None:
+            return
+        for uri, what in ((self.progress, "progress"), (self.tombstones, "tombstones")):
+            if self.load(uri) is None:
+                raise LakeError(
+                    f"{self.target} has no {what} table at {uri}: its state was lost, and "
+                    f"applying now could re-apply or resurrect rows. Run: worker lake repair "
+                    f"--target {self.target}",
+                    target=self.target,
+                )
+        table.schema()  # a target whose log does not read fails here, in one line
 
 
-def arrow_table(rows: list[dict[str, Any]], target_schema: pa.Schema | None) -> pa.Table:
-    """Rows -> Arrow with one inferred type per column, aligned to the target's schema."""
-    import pyarrow as pa
+@dataclass(frozen=True, slots=True)
+class Cutover:
+    """The export a table was bootstrapped from (``cutover`` sidecar)."""
 
-    names = sorted({name for row in rows for name in row})
-    if target_schema is not None:
-        names += [n for n in target_schema.names if n not in names]
-    arrays, fields = [], []
-    for name in names:
-        values = [row.get(name) for row in rows]
-        wanted = (
-            target_schema.field(name).type
-            if target_schema is not None and name in target_schema.names
-            else None
-        )
-        array = _column(name, values, wanted)
-        arrays.append(array)
-        fields.append(pa.field(name, array.type))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    export_arn: str
+    export_time_ms: int
+    complete: bool
 
 
-def _column(name: str, values: list[Any], wanted: pa.DataType | None) -> pa.Array:
-    import pyarrow as pa
-
-    if name == rules.EVENT_TIME_COLUMN:
-        return pa.array(values, type=pa.timestamp("ms", tz="UTC"))
-    if name == rules.DELETE_COLUMN:
-        return pa.array(values, type=pa.bool_())
-    present = {type(v) for v in values if v is not None}
-    if wanted == pa.string() or (
-        wanted is None
-        and not present <= {bool}
-        and not present <= {int, float}
-        and present != {str}
-    ):
-        return pa.array([_text(v) for v in values], type=pa.string())
-    if not present:
-        return pa.array(values, type=wanted or pa.string())
-    inferred = pa.array(values, type=pa.float64() if present == {int, float} else None)
-    if wanted is None or inferred.type == wanted:
-        return inferred
-    try:
-        return inferred.cast(wanted)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise LakeError(
-            f"column {name!r} is {wanted} in the table but {inferred.type} here"
-        ) from exc
+def read_cutover(lake: Lake) -> Cutover | None:
+    """The table's bootstrap, when it has one: the latest row of ``cutover``."""
+    table = lake.load(lake.cutover)
+    if table is None:
+        return None
+    rows = table.to_pyarrow_table().to_pylist()
+    if not rows:
+        return None
+    done = [r for r in rows if r["completed_at"] is not None]
+    last = (done or rows)[-1]
+    return Cutover(
+        last["export_arn"], int(last["export_time"].timestamp() * 1000), complete=bool(done)
+    )
 
 
-def _text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return orjson.dumps(value).decode()
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def app_id(source: str) -> str:
@@ -191,30 +170,47 @@ async def apply_changes(
     *,
     storage_options: Options = None,
     max_attempts: int = 5,
+    source_format: SourceFormat = "parts",
 ) -> ApplyResult:
-    """Apply every part under ``source`` that ``target`` has not seen yet."""
+    """Apply every part (or incremental export) under ``source`` that ``target``
+    has not seen yet."""
     from deltalake.exceptions import CommitFailedError
 
     lake = Lake(target, storage_options)
     result = ApplyResult()
-    listed = await list_parts(s3, source)
+    cutover = await asyncio.to_thread(_finished_bootstrap, lake)
+    incremental = source_format == "incremental-export"
+    listed = await (list_incremental(s3, source) if incremental else list_parts(s3, source))
     if not listed:
         raise LakeError(
-            f"no parts under {source}: check --source (parts are "
+            f"no incremental exports under {source}: check --source (exports are "
+            "{source}/AWSDynamoDB/EXPORT_ID/manifest-summary.json)"
+            if incremental
+            else f"no parts under {source}: check --source (parts are "
             "{source}/dt=YYYY-MM-DD/hour=HH/part-*.json.gz or .parquet)",
             source=source,
         )
+    origin, source = source, f"{INCREMENTAL_PREFIX}{source}" if incremental else source
     cache: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(max_attempts):
+    for attempt in range(1, max_attempts + 1):
+        if attempt > 1:  # another apply committed first: wait, reload, see what is left
+            await asyncio.sleep(COMMIT_BACKOFF.delay(attempt - 1))
         table = await asyncio.to_thread(lake.load, target)
+        await asyncio.to_thread(lake.check_state, table)
+        await asyncio.to_thread(_one_ordering, lake, source)
         done, unrecorded = await asyncio.to_thread(_applied_parts, lake, table, source)
         new = [key for key in listed if key not in done]
         if not new:
             if unrecorded:
-                await asyncio.to_thread(_record_progress, lake, source, sorted(unrecorded), table)
+                await asyncio.to_thread(record_progress, lake, source, sorted(unrecorded), table)
             return result
-        cache.update(await read_parts(s3, source, [k for k in new if k not in cache]))
+        unread = [k for k in new if k not in cache]
+        cache.update(
+            await (read_incremental(s3, unread) if incremental else read_parts(s3, origin, unread))
+        )
         changes = [c for key in new for c in cache[key]]
+        kept = _after_cutover(changes, cutover)
+        result.before_cutover, changes = len(changes) - len(kept), kept
         existing = table.schema().to_arrow().names if table is not None else []
         key_columns, rows = to_rows(changes, existing)
         # Tombstones are read after the target: any delete the target holds has
@@ -223,8 +219,8 @@ async def apply_changes(
         live = [r for r in rows if _survives(r, key_columns, tombstones)]
         try:
             if table is None and key_columns:
-                table = await asyncio.to_thread(_create, lake, key_columns, live or rows)
-            if table is not None:
+                table = await asyncio.to_thread(create_target, lake, key_columns, live or rows)
+            if table is not None and key_columns:  # none: the export held every change
                 await asyncio.to_thread(
                     _record_tombstones, lake, table, key_columns, live, tombstones
                 )
@@ -233,12 +229,51 @@ async def apply_changes(
                 )
         except (CommitFailedError, _TableExists):
             continue  # another apply committed first: reload and see what is left
-        await asyncio.to_thread(_record_progress, lake, source, sorted({*new, *unrecorded}), table)
+        await asyncio.to_thread(record_progress, lake, source, sorted({*new, *unrecorded}), table)
         result.parts, result.changes, result.rows = new, len(changes), len(rows)
         result.refused = len(rows) - len(live)
         result.version = table.version() if table is not None else None
         return result
     raise LakeError(f"gave up after {max_attempts} commit conflicts on {target}")
+
+
+def _one_ordering(lake: Lake, source: str) -> None:
+    """Stream parts order changes by sequence number, incremental exports by write
+    time: the two cannot be compared, so one table takes one of them."""
+    progress = lake.load(lake.progress)
+    if progress is None:
+        return
+    sources = set(progress.to_pyarrow_table(columns=["source"]).column("source").to_pylist())
+    kind = source.startswith(INCREMENTAL_PREFIX)
+    for other in sorted(sources):
+        if not other.startswith("arn:") and other.startswith(INCREMENTAL_PREFIX) != kind:
+            raise LakeError(
+                f"{lake.target} is kept from {other.removeprefix(INCREMENTAL_PREFIX)} "
+                f"({'incremental exports' if not kind else 'stream parts'}); "
+                f"{'stream parts' if not kind else 'incremental exports'} cannot be mixed in: "
+                "sequence numbers and write times do not order each other",
+                target=lake.target,
+            )
+
+
+def _finished_bootstrap(lake: Lake) -> Cutover | None:
+    """The table's bootstrap; a LakeError when one started and has not ended."""
+    cutover = read_cutover(lake)
+    if cutover is not None and not cutover.complete:
+        raise LakeError(
+            f"{lake.target}: the bootstrap from {cutover.export_arn} has not finished; run "
+            "worker lake bootstrap again (it carries on where it stopped)",
+            target=lake.target,
+        )
+    return cutover
+
+
+def _after_cutover(changes: list[dict[str, Any]], cutover: Cutover | None) -> list[dict[str, Any]]:
+    """The changes the bootstrap's export may not hold (``cdc_rules.after_cutover``)."""
+    if cutover is None:
+        return changes
+    time_ms = cutover.export_time_ms
+    return [c for c in changes if rules.after_cutover(c["approx_creation_time_ms"], time_ms)]
 
 
 def _survives(
@@ -251,11 +286,7 @@ def _survives(
 def _applied_parts(lake: Lake, table: DeltaTable | None, source: str) -> tuple[set[str], set[str]]:
     """Parts applied to ``table`` from ``source``: those ``progress`` lists, and those
     that target commits still in the log name but ``progress`` does not (yet)."""
-    recorded: set[str] = set()
-    progress = lake.load(lake.progress)
-    if progress is not None:
-        rows = progress.to_pyarrow_table(columns=["source", "part"]).to_pylist()
-        recorded = {r["part"] for r in rows if r["source"] == source}
+    recorded = recorded_parts(lake, source)
     in_log: set[str] = set()
     for commit in table.history() if table is not None else []:
         if commit.get(METADATA_SOURCE) == source and METADATA_PARTS in commit:
@@ -263,11 +294,20 @@ def _applied_parts(lake: Lake, table: DeltaTable | None, source: str) -> tuple[s
     return recorded | in_log, in_log - recorded
 
 
+def recorded_parts(lake: Lake, source: str) -> set[str]:
+    """The parts (or export files) ``progress`` lists for ``source``."""
+    progress = lake.load(lake.progress)
+    if progress is None:
+        return set()
+    rows = progress.to_pyarrow_table(columns=["source", "part"]).to_pylist()
+    return {r["part"] for r in rows if r["source"] == source}
+
+
 class _TableExists(Exception):
     pass
 
 
-def _create_empty(lake: Lake, uri: str, schema: pa.Schema) -> DeltaTable:
+def create_empty(lake: Lake, uri: str, schema: pa.Schema) -> DeltaTable:
     from deltalake import DeltaTable, write_deltalake
     from deltalake.exceptions import DeltaError
 
@@ -281,7 +321,7 @@ def _create_empty(lake: Lake, uri: str, schema: pa.Schema) -> DeltaTable:
     return DeltaTable(uri, storage_options=options)
 
 
-def _bookkeeping(
+def bookkeeping(
     rows: list[dict[str, Any]], key_columns: list[str], schema: pa.Schema | None
 ) -> pa.Table:
     import pyarrow as pa
@@ -292,10 +332,16 @@ def _bookkeeping(
     return arrow_table([{c: row.get(c) for c in columns} for row in rows], schema)
 
 
-def _create(lake: Lake, key_columns: list[str], rows: list[dict[str, Any]]) -> DeltaTable:
-    """An empty table of the key and bookkeeping columns, typed from the first
-    changes; MERGE adds the attribute columns."""
-    return _create_empty(lake, lake.target, _bookkeeping(rows, key_columns, None).schema)
+def create_target(lake: Lake, key_columns: list[str], rows: list[dict[str, Any]]) -> DeltaTable:
+    """The sidecars, then an empty target of the key and bookkeeping columns, typed
+    from the first changes (MERGE or append adds the attribute columns). A crash
+    in between leaves sidecars and no target: the next run carries on."""
+    schema = bookkeeping(rows, key_columns, None).schema
+    for uri, sidecar in ((lake.tombstones, schema), (lake.progress, progress_schema())):
+        if lake.load(uri) is None:
+            with contextlib.suppress(_TableExists):  # another apply made it first
+                create_empty(lake, uri, sidecar)
+    return create_empty(lake, lake.target, schema)
 
 
 def _read_tombstones(lake: Lake, key_columns: list[str]) -> dict[tuple[Any, ...], str]:
@@ -323,19 +369,19 @@ def _record_tombstones(
     if not touched:
         return
     schema = pa.schema(target.schema().to_arrow())
-    data = _bookkeeping(touched, key_columns, schema).append_column(
+    data = bookkeeping(touched, key_columns, schema).append_column(
         rules.DELETE_COLUMN, pa.array([r[rules.DELETE_COLUMN] for r in touched], pa.bool_())
     )
     table = lake.load(lake.tombstones)
     if table is None:
         try:
-            table = _create_empty(
+            table = create_empty(
                 lake, lake.tombstones, data.drop_columns([rules.DELETE_COLUMN]).schema
             )
         except _TableExists:
             table = lake.load(lake.tombstones)
             assert table is not None
-    _retry_commits(
+    retry_commits(
         lambda: (
             table.merge(
                 data,
@@ -390,7 +436,20 @@ def _merge(
     return metrics
 
 
-def _record_progress(lake: Lake, source: str, parts: list[str], target: DeltaTable | None) -> None:
+def progress_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("source", pa.string()),
+            ("part", pa.string()),
+            ("version", pa.int64()),
+            ("applied_at", pa.timestamp("ms", tz="UTC")),
+        ]
+    )
+
+
+def record_progress(lake: Lake, source: str, parts: list[str], target: DeltaTable | None) -> None:
     """Append the applied parts to ``progress`` (blind appends never conflict)."""
     import pyarrow as pa
     from deltalake import write_deltalake
@@ -398,78 +457,26 @@ def _record_progress(lake: Lake, source: str, parts: list[str], target: DeltaTab
     now = datetime.now(UTC)
     version = target.version() if target is not None else None
     data = pa.table(
-        {
-            "source": pa.array([source] * len(parts), pa.string()),
-            "part": pa.array(parts, pa.string()),
-            "version": pa.array([version] * len(parts), pa.int64()),
-            "applied_at": pa.array([now] * len(parts), pa.timestamp("ms", tz="UTC")),
-        }
+        [[source] * len(parts), parts, [version] * len(parts), [now] * len(parts)],
+        schema=progress_schema(),
     )
     write_deltalake(lake.progress, data, mode="append", storage_options=lake.storage_options)
 
 
-def _retry_commits(commit: Callable[[], T], table: DeltaTable, attempts: int = 10) -> T:
+def retry_commits(commit: Callable[[], T], table: DeltaTable) -> T:
     """Run one commit, reloading ``table`` after each conflict with a concurrent writer."""
     from deltalake.exceptions import CommitFailedError
 
-    for attempt in range(attempts):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return commit()
         except CommitFailedError:
-            if attempt == attempts - 1:
+            if not COMMIT_BACKOFF.retries_left(attempt):
                 raise
-            time.sleep(0.05 * (attempt + 1))
+            time.sleep(COMMIT_BACKOFF.delay(attempt))
             table.update_incremental()
-    raise AssertionError("unreachable")
-
-
-@dataclass(slots=True)
-class MaintainResult:
-    compacted: dict[str, Any] = field(default_factory=dict)  # table -> optimize metrics
-    vacuumed: int = 0  # files deleted
-    tombstones_expired: int = 0
-
-
-def maintain(
-    target: str,
-    *,
-    retention_hours: int,
-    tombstone_retention_hours: int,
-    storage_options: Options = None,
-    now: datetime | None = None,
-) -> MaintainResult:
-    """Compact small files, vacuum files unreferenced for ``retention_hours``,
-    expire tombstones older than ``tombstone_retention_hours`` (by the delete's
-    event time), then checkpoint and clean up the log, on the target and both
-    sidecars. Each commit is retried on a conflict with a concurrent apply."""
-    lake = Lake(target, storage_options)
-    result = MaintainResult()
-    tables = {uri: lake.load(uri) for uri in (target, lake.tombstones, lake.progress)}
-    if tables[target] is None:
-        raise LakeError(f"no Delta table at {target}", target=target)
-    tombstones = tables[lake.tombstones]
-    if tombstones is not None:
-        cutoff = (now or datetime.now(UTC)) - timedelta(hours=tombstone_retention_hours)
-        predicate = f"{rules.EVENT_TIME_COLUMN} < '{cutoff:%Y-%m-%dT%H:%M:%S.%fZ}'"
-        expired = _retry_commits(lambda: tombstones.delete(predicate), tombstones)
-        result.tombstones_expired = int(expired.get("num_deleted_rows", 0))
-    for uri, table in tables.items():
-        if table is None:
-            continue
-        result.compacted[uri] = _retry_commits(table.optimize.compact, table)
-        result.vacuumed += len(
-            table.vacuum(retention_hours, dry_run=False, enforce_retention_duration=False)
-        )
-        table.create_checkpoint()
-        table.cleanup_metadata()
-    log.info(
-        "lake_maintained",
-        target=target,
-        vacuumed=result.vacuumed,
-        tombstones_expired=result.tombstones_expired,
-        files_removed={k: v.get("numFilesRemoved") for k, v in result.compacted.items()},
-    )
-    return result
 
 
 def read_table(target: str, storage_options: Options = None) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ import uvloop
 
 from worker.core import log
 from worker.core.config import Settings
-from worker.core.errors import ConfigError, WorkerError
+from worker.core.errors import ConfigError, LakeError, WorkerError
 
 DESCRIPTION = (
     "Asyncio ingestion worker for AWS data pipelines: loads S3 OutputFiles named by SQS "
@@ -84,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
     apply = lake_commands.add_parser("apply", help=what, description=what)
     apply.add_argument("--source", required=True, help="s3://BUCKET/PREFIX/TABLE of the parts")
     apply.add_argument("--target", required=True, help="a local path or s3:// URI")
+    apply.add_argument(
+        "--source-format",
+        choices=["parts", "incremental-export"],
+        default="parts",
+        help="parts: the stream buffer's (default); incremental-export: DynamoDB incremental "
+        "exports under --source (s3://BUCKET/PREFIX holding AWSDynamoDB/EXPORT_ID/)",
+    )
+    what = "load a DynamoDB full export into a new Delta table: where applies start"
+    bootstrap = lake_commands.add_parser("bootstrap", help=what, description=what)
+    bootstrap.add_argument(
+        "--export", required=True, help="s3://BUCKET/PREFIX/AWSDynamoDB/EXPORT_ID of the export"
+    )
+    bootstrap.add_argument("--target", required=True, help="a local path or s3:// URI")
+    bootstrap.add_argument(
+        "--keys",
+        help="the table's key attributes, comma-separated (default: DescribeTable of the "
+        "exported table)",
+    )
+    what = "rebuild the lake's lost state from what the target's history proves"
+    repair = lake_commands.add_parser("repair", help=what, description=what)
+    repair.add_argument("--target", required=True, help="a local path or s3:// URI")
     what = "compact, vacuum and expire tombstones: safe beside a running apply"
     maintain = lake_commands.add_parser("maintain", help=what, description=what)
     maintain.add_argument("--target", required=True, help="a local path or s3:// URI")
@@ -219,13 +240,31 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _lake(args: argparse.Namespace, settings: Settings) -> int:
+    """A lake command; a delta-rs or Arrow error is one line, like every other."""
+    import pyarrow as pa
+    from deltalake.exceptions import DeltaError
+
+    try:
+        return _lake_command(args, settings)
+    except (DeltaError, pa.ArrowException) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise LakeError(f"lake {args.lake_command}: {first}") from None
+
+
+def _lake_command(args: argparse.Namespace, settings: Settings) -> int:
     from worker.entry import console
 
-    if args.lake_command == "maintain":
+    command = args.lake_command
+    if command == "maintain":
         return console.lake_maintain(settings, args.target, args.retention_hours)
-    if args.lake_command == "quarantine":
+    if command == "quarantine":
         return _run(console.lake_quarantine(settings, args.source, args.part))
-    return _run(console.lake_apply(settings, args.source, args.target))
+    if command == "bootstrap":
+        keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+        return _run(console.lake_bootstrap(settings, args.export, args.target, keys))
+    if command == "repair":
+        return console.lake_repair(settings, args.target)
+    return _run(console.lake_apply(settings, args.source, args.target, args.source_format))
 
 
 async def _dlq(args: argparse.Namespace, settings: Settings) -> int:

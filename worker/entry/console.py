@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.core.aws import Clients
 from worker.core.config import Settings
 from worker.entry.runtime import settle_memory
 from worker.loader.messages import ObjectRef
 from worker.loader.pipeline import Loader, ObjectSummary
+
+if TYPE_CHECKING:
+    from worker.cdc.lake import SourceFormat
 
 
 def parse_target(target: str) -> ObjectRef | Path:
@@ -88,13 +92,19 @@ def format_summaries(summaries: list[ObjectSummary]) -> str:
     return "\n".join(text)
 
 
-async def lake_apply(settings: Settings, source: str, target: str) -> int:
+async def lake_apply(
+    settings: Settings, source: str, target: str, source_format: SourceFormat = "parts"
+) -> int:
     """``worker lake apply``: one run, then a one-line report."""
     from worker.cdc.lake import apply_changes, storage_options_for
 
     async with Clients.from_settings(settings) as clients:
         result = await apply_changes(
-            clients.s3, source, target, storage_options=storage_options_for(target, settings.aws)
+            clients.s3,
+            source,
+            target,
+            storage_options=storage_options_for(target, settings.aws),
+            source_format=source_format,
         )
     if not result.parts:
         print(f"{target}: up to date, every part under {source} is applied")
@@ -105,14 +115,73 @@ async def lake_apply(settings: Settings, source: str, target: str) -> int:
         f"({result.rows} keys): {m.get('num_target_rows_inserted', 0)} inserted, "
         f"{m.get('num_target_rows_updated', 0)} updated, "
         f"{m.get('num_target_rows_deleted', 0)} deleted, "
-        f"{result.refused} refused by tombstones; version {result.version}"
+        f"{result.refused} refused by tombstones, {result.before_cutover} held by the "
+        f"bootstrap's export; version {result.version}"
     )
+    return 0
+
+
+async def lake_bootstrap(
+    settings: Settings, export_uri: str, target: str, keys: list[str] | None
+) -> int:
+    """``worker lake bootstrap``: one export into a new table, then a one-line report."""
+    from worker.cdc.bootstrap import bootstrap
+    from worker.cdc.exports import read_export
+    from worker.cdc.lake import storage_options_for
+
+    async with Clients.from_settings(settings) as clients:
+        if not keys:
+            export = await read_export(clients.s3, export_uri)
+            keys = await _key_names(clients, export.table_arn)
+        result = await bootstrap(
+            clients.s3,
+            export_uri,
+            target,
+            key_names=keys,
+            storage_options=storage_options_for(target, settings.aws),
+        )
+    export = result.export
+    if result.already:
+        print(f"{target}: already bootstrapped from {export.arn}")
+        return 0
+    print(
+        f"{target}: bootstrapped from {export.arn} ({result.items:,} items from "
+        f"{result.files} data files this run, {export.item_count:,} in the export); "
+        f"cut-over {export.time_ms} ms; version {result.version}"
+    )
+    return 0
+
+
+async def _key_names(clients: Clients, table_arn: str) -> list[str]:
+    from botocore.exceptions import ClientError
+
+    from worker.core.aws import error_code
+    from worker.core.errors import LakeError
+
+    name = table_arn.partition(":table/")[2].partition("/")[0]
+    try:
+        described = await clients.dynamodb.describe_table(TableName=name)
+    except ClientError as exc:
+        raise LakeError(
+            f"cannot read the key of {name!r} ({error_code(exc)}): give --keys", table=name
+        ) from None
+    return [k["AttributeName"] for k in described["Table"]["KeySchema"]]
+
+
+def lake_repair(settings: Settings, target: str) -> int:
+    """``worker lake repair``: what it rebuilt, and what it could not prove."""
+    from worker.cdc.lake import storage_options_for
+    from worker.cdc.maintain import repair
+
+    for line in repair(target, storage_options=storage_options_for(target, settings.aws)):
+        print(line)
     return 0
 
 
 def lake_maintain(settings: Settings, target: str, retention_hours: int) -> int:
     """``worker lake maintain``: one pass, then a one-line report."""
-    from worker.cdc.lake import maintain, storage_options_for
+    from worker.cdc.lake import storage_options_for
+    from worker.cdc.maintain import maintain
 
     result = maintain(
         target,
