@@ -16,6 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import gzip
+import os
+import re
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,10 +29,12 @@ import boto3
 import orjson
 import pytest
 from aiobotocore.client import AioBaseClient
+from aiohttp import web
 
 from tests import factories as f
 from tests.conftest import BUCKET
-from tests.fault_proxy import S3Faults
+from tests.fault_proxy import ForwardingProxy, S3Faults
+from tests.processes import ROOT
 from tests.test_deploy import expand
 from worker.core.config import (
     FirehoseSettings,
@@ -256,3 +263,104 @@ async def _poll(settings: Settings, *, until_deleted: int) -> Any:
             await asyncio.sleep(0.1)
         poller.stop()
         return await running
+
+
+class S3Recorder(ForwardingProxy):
+    """In front of moto's S3: every request, as (method, path, query), whoever sends
+    it (the SDK, or delta-rs' object store, which no SDK patch sees)."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.method == "POST" and "delete" in request.query:  # DeleteObjects: the keys
+            body = await request.read()  # cached: forwarded as it came
+            for key in re.findall(rb"<Key>(.*?)</Key>", body):
+                self.requests.append(("DELETE", f"{request.path}/{key.decode()}", {}))
+        else:
+            self.requests.append((request.method, request.path, dict(request.query)))
+        if request.method != "HEAD":
+            return await super()._handle(request)
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "host"}
+        async with self._session.head(self.upstream + request.path_qs, headers=headers) as answer:
+            kept = {k: v for k, v in answer.headers.items()  # Content-Length: the object's size
+                    if k.lower() not in ("connection", "transfer-encoding")}  # fmt: skip
+            return web.Response(status=answer.status, headers=kept)
+
+
+def s3_action(method: str, path: str, query: dict[str, str]) -> tuple[str, str]:
+    """The IAM action of one path-style S3 request, and the key (or list prefix) it names."""
+    _, _, rest = path.lstrip("/").partition("/")
+    if not rest:  # the bucket itself
+        return "s3:ListBucket", query.get("prefix", "")
+    if method in ("GET", "HEAD"):
+        return "s3:GetObject", rest
+    if method == "DELETE":
+        return ("s3:AbortMultipartUpload" if "uploadId" in query else "s3:DeleteObject"), rest
+    return "s3:PutObject", rest  # PUT, and the multipart POSTs
+
+
+MAINTAIN_NOW = """
+import sys
+from worker.cdc.lake import storage_options_for
+from worker.cdc.maintain import maintain
+from worker.core.config import Settings
+settings = Settings.from_env()
+maintain(sys.argv[1], retention_hours=0, tombstone_retention_hours=1,
+         storage_options=storage_options_for(sys.argv[1], settings.aws))
+"""
+
+
+def test_the_scheduled_lake_tasks_call_only_what_their_role_grants_and_use_every_grant(
+    moto: str,
+) -> None:
+    """``worker lake apply --metrics`` (three scheduled runs, a part more each time) and
+    ``lake maintain`` (with retention 0, so vacuum deletes), each a process of its
+    own as the LakeTaskRole runs it, the table in the raw bucket: every S3 request
+    in the source or table prefix, every action granted, every grant used. delta-rs
+    holds the GIL while it waits on S3, hence the processes."""
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=RAW)
+    source_prefix, table_prefix = "cdc/orders", "lake/orders"
+    changes = [("a", 1), ("b", 2), ("a", None)]
+    with S3Recorder(moto) as recorder:
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": recorder.url, "LOG_LEVEL": "INFO"}
+        source, target = f"s3://{RAW}/{source_prefix}", f"s3://{RAW}/{table_prefix}"
+        for n, (key, value) in enumerate(changes):  # three scheduled runs, a part more each
+            change = {
+                "event_id": f"e{n}",
+                "keys": {"id": key},
+                "is_deleted": value is None,
+                "new_image": None if value is None else {"id": key, "v": value},
+                "sequence_number": str(100 + n),
+                "approx_creation_time_ms": 1_000 * n,
+            }
+            part = f"{source_prefix}/dt=2026-11-29/hour=0{n}/part-{n}.json.gz"
+            s3.put_object(Bucket=RAW, Key=part, Body=gzip.compress(orjson.dumps(change)))
+            applied = run_worker(env, "lake", "apply", "--metrics", "--source", source,
+                                 "--target", target)  # fmt: skip
+            assert applied.returncode == 0, applied.stderr
+            assert '"PartsApplied":1' in applied.stderr and '"ApplyFailures":0' in applied.stderr
+        maintained = subprocess.run(
+            [sys.executable, "-c", MAINTAIN_NOW, target],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert maintained.returncode == 0, maintained.stderr
+    actions: set[str] = set()
+    for method, path, query in recorder.requests:
+        action, key = s3_action(method, path, query)
+        assert path.startswith(f"/{RAW}"), path
+        within = key.startswith(table_prefix) or (
+            action in ("s3:GetObject", "s3:ListBucket") and key.startswith(source_prefix)
+        )
+        assert within, f"{method} {path} {query} is outside the lake's prefixes"
+        actions.add(action)
+    mine, _ = granted(expand(), "LakeTaskRole")
+    assert actions <= mine, f"LakeTaskRole calls what it is not granted: {actions - mine}"
+    assert mine <= actions, f"LakeTaskRole is granted what it never calls: {mine - actions}"
+
+
+def run_worker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "worker", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip

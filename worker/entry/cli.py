@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="parts: the stream buffer's (default); incremental-export: DynamoDB incremental "
         "exports under --source (s3://BUCKET/PREFIX holding AWSDynamoDB/EXPORT_ID/)",
     )
+    apply.add_argument(
+        "--metrics",
+        action="store_true",
+        help="log the outcome and EMF metrics (Service=lake: PartsApplied, ApplyFailures), "
+        "as the scheduled task does",
+    )
     what = "load a DynamoDB full export into a new Delta table: where applies start"
     bootstrap = lake_commands.add_parser("bootstrap", help=what, description=what)
     bootstrap.add_argument(
@@ -264,7 +270,11 @@ def _lake_command(args: argparse.Namespace, settings: Settings) -> int:
         return _run(console.lake_bootstrap(settings, args.export, args.target, keys))
     if command == "repair":
         return console.lake_repair(settings, args.target)
-    return _run(console.lake_apply(settings, args.source, args.target, args.source_format))
+    return _run(
+        console.lake_apply(
+            settings, args.source, args.target, args.source_format, metrics=args.metrics
+        )
+    )
 
 
 async def _dlq(args: argparse.Namespace, settings: Settings) -> int:

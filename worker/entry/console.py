@@ -93,19 +93,40 @@ def format_summaries(summaries: list[ObjectSummary]) -> str:
 
 
 async def lake_apply(
-    settings: Settings, source: str, target: str, source_format: SourceFormat = "parts"
+    settings: Settings,
+    source: str,
+    target: str,
+    source_format: SourceFormat = "parts",
+    *,
+    metrics: bool = False,
 ) -> int:
-    """``worker lake apply``: one run, then a one-line report."""
+    """``worker lake apply``: one run, then a one-line report; with ``metrics`` (the
+    scheduled task), its outcome as a log line and EMF metrics (``Service=lake``)
+    that the stack's alarms watch."""
     from worker.cdc.lake import apply_changes, storage_options_for
+    from worker.core.errors import WorkerError
+    from worker.core.log import emit_metrics, get_logger
 
-    async with Clients.from_settings(settings) as clients:
-        result = await apply_changes(
-            clients.s3,
-            source,
-            target,
-            storage_options=storage_options_for(target, settings.aws),
-            source_format=source_format,
-        )
+    log = get_logger("worker.lake")
+    try:
+        async with Clients.from_settings(settings) as clients:
+            result = await apply_changes(
+                clients.s3,
+                source,
+                target,
+                storage_options=storage_options_for(target, settings.aws),
+                source_format=source_format,
+            )
+    except Exception as exc:
+        if metrics:  # counted, then raised as it was: one line on stderr still
+            found = exc.as_log() if isinstance(exc, WorkerError) else {"error": type(exc).__name__}
+            log.error("lake_apply_failed", source=source, target=target, **found)
+            emit_metrics({"Service": "lake"}, ApplyFailures=1, PartsApplied=0)
+        raise
+    if metrics:
+        log.info("lake_applied", source=source, target=target, parts=len(result.parts),
+                 changes=result.changes, version=result.version)  # fmt: skip
+        emit_metrics({"Service": "lake"}, ApplyFailures=0, PartsApplied=len(result.parts))
     if not result.parts:
         print(f"{target}: up to date, every part under {source} is applied")
         return 0
