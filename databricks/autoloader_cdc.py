@@ -27,6 +27,12 @@ target, items converted by ``worker.cdc.images`` and named by
 records the export's time in ``{target}_cdc_cutover``; the stream job then
 drops every change recorded before the export's second (``rules.AFTER_CUTOVER``,
 the rule ``worker lake apply`` uses).
+
+``--format incremental-export`` reads DynamoDB incremental exports instead of
+stream parts (``--source`` is the prefix holding ``AWSDynamoDB/EXPORT_ID/``):
+each line becomes the stream's envelope by ``worker.cdc.exports``, its write
+time the sequence number. Keep one table on one kind of source: the job does
+not check, ``worker lake apply`` refuses a mix.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from pyspark.sql import functions as F  # noqa: N812 - the PySpark convention
 from pyspark.sql.types import ArrayType, MapType, StructType
 
 from worker.cdc import cdc_rules as rules
+from worker.cdc.exports import change_envelope
 from worker.cdc.images import convert_image
 
 APP_ID_PREFIX = "worker-cdc-autoloader"
@@ -53,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", help="s3://BUCKET/PREFIX/TABLE of the parts")
     parser.add_argument("--target", required=True, help="a Unity Catalog table name")
     parser.add_argument("--checkpoint", help="checkpoint and schema location")
-    parser.add_argument("--format", choices=["json", "parquet"], default="json")
+    parser.add_argument(
+        "--format",
+        choices=["json", "parquet", "incremental-export"],
+        default="json",
+        help="the parts' (json, parquet), or DynamoDB incremental exports' data files",
+    )
     parser.add_argument("--processing-time", default=None, help='e.g. "1 minute"')
     parser.add_argument("--maintain", action="store_true", help="expire, optimize, vacuum")
     parser.add_argument("--bootstrap", help="s3://.../AWSDynamoDB/EXPORT_ID: a full export")
@@ -114,6 +126,15 @@ def after_cutover(spark: SparkSession, flat: DataFrame, target: str) -> DataFram
     cutover_ms = spark.table(cutover_table(target)).agg(F.max("export_time_ms")).first()[0]
     keep = rules.AFTER_CUTOVER.format(cutover=f"timestamp_millis({int(cutover_ms)})")
     return flat.alias(rules.SOURCE_ALIAS).where(keep).select(f"{rules.SOURCE_ALIAS}.*")
+
+
+def parse_exports(spark: SparkSession, batch: DataFrame) -> DataFrame:
+    """Incremental export lines (DynamoDB JSON) -> the stream's envelopes, by the
+    same function ``lake apply --source-format incremental-export`` uses."""
+    to_envelope = F.udf(lambda line: orjson.dumps(change_envelope(line, "")).decode())
+    envelopes = batch.select(to_envelope("value").alias("envelope"))
+    schema = spark.read.json(envelopes.rdd.map(lambda row: row[0])).schema
+    return envelopes.select(F.from_json("envelope", schema).alias("e")).select("e.*")
 
 
 def parse_images(spark: SparkSession, batch: DataFrame) -> DataFrame:
@@ -197,6 +218,8 @@ def make_upsert(spark: SparkSession, target: str, source: str, fmt: str) -> Any:
             return
         if fmt == "parquet":
             batch = parse_images(spark, batch)
+        elif fmt == "incremental-export":
+            batch = parse_exports(spark, batch)
         existing = spark.table(target).columns if spark.catalog.tableExists(target) else []
         flat, keys = flatten(batch, existing)
         flat = after_cutover(spark, flat, target)
@@ -250,11 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     spark.conf.set("spark.sql.caseSensitive", "true")  # "Name" and "name" are two attributes
     stream = (
         spark.readStream.format("cloudFiles")
-        .option("cloudFiles.format", args.format)
+        .option("cloudFiles.format", "text" if args.format == "incremental-export" else args.format)
         .option("cloudFiles.schemaLocation", f"{args.checkpoint}/schema")
         .option("cloudFiles.inferColumnTypes", "true")
         .option("cloudFiles.schemaEvolutionMode", "addNewColumns")
-        .load(args.source)
+        .load(
+            f"{args.source}/AWSDynamoDB/*/data/"
+            if args.format == "incremental-export"
+            else args.source
+        )
     )
     upsert = make_upsert(spark, args.target, args.source, args.format)
     writer = stream.writeStream.foreachBatch(upsert).option(

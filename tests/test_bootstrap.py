@@ -26,6 +26,7 @@ from tests.test_lake import (
     lake_rows,
     make_source_table,
     mutate,
+    random_item,
     read_stream,
     source_items,
 )
@@ -102,24 +103,37 @@ def test_a_bootstrapped_table_with_a_stream_busy_across_the_export_ends_equal_to
 ) -> None:
     lake()
     ddb = boto3.client("dynamodb", endpoint_url=moto)
-    arn = make_source_table(ddb)
-    mutate(ddb, operations=1500, keys=400, seed=1)  # existing items, and the stream on
+    arn = make_source_table(ddb)  # the stream on
+    rng = random.Random(9)
+    for start in range(0, 10_200, 25):  # more than 10,000 items exist at the export
+        puts = [{"PutRequest": {"Item": random_item(rng, f"k{n}", n)}}
+                for n in range(start, start + 25)]  # fmt: skip
+        ddb.batch_write_item(RequestItems={"src": puts})
+    mutate(ddb, operations=600, keys=10_400, seed=1)
     export_ms = int(time.time() * 1000)
     exported = [item for item in _scan(ddb)]
-    mutate(ddb, operations=300, keys=400, seed=2)  # busy across the export, same second too
+    mutate(ddb, operations=600, keys=10_400, seed=2)  # busy across the export, same second too
     uri = write_export(exported, export_ms, files=3)
     records = whole_seconds(read_stream(moto, arn))
     assert any(r["dynamodb"]["ApproximateCreationDateTime"] * 1000 < export_ms for r in records)
-    deliver(records[::-1][:200], batch=50)  # parts from after and before the export, replayed
-    deliver(records, batch=70)
+    deliver(records[::-1][:400], batch=100)  # parts from after and before the export, replayed
+    deliver(shuffled_batches(records, 250), batch=250)
     target = str(tmp_path / "delta")
-    result = run_bootstrap(uri, target, batch_rows=100)
-    assert result.items == len(exported) and result.files == 3
+    result = run_bootstrap(uri, target, batch_rows=2_000)
+    assert result.items == len(exported) >= 10_000 and result.files == 3
     applied = apply(target)
     assert applied.before_cutover > 0 and applied.parts
     assert lake_rows(target) == source_items(ddb)
     again = run_bootstrap(uri, target)
     assert again.already and again.items == 0
+
+
+def shuffled_batches(records: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """The records in batches of ``size``, the batches in a shuffled order (each batch
+    in order, as Lambda delivers one)."""
+    batches = [records[i : i + size] for i in range(0, len(records), size)]
+    random.Random(3).shuffle(batches)
+    return [record for batch in batches for record in batch]
 
 
 def _scan(ddb: Any) -> list[dict[str, Any]]:

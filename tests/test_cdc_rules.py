@@ -93,6 +93,9 @@ def test_the_databricks_job_takes_its_semantics_from_the_shared_rules() -> None:
     assert "convert_image" in boot and "flatten(" in boot and "cutover_table(" in boot
     assert "rules.AFTER_CUTOVER" in ast.unparse(functions["after_cutover"])
     assert upsert.index("after_cutover(") < upsert.index("not_tombstoned(")
+    # incremental exports: each line made an envelope by the function lake apply uses
+    assert "change_envelope" in ast.unparse(functions["parse_exports"])
+    assert "parse_exports(" in upsert and '"incremental-export"' in source
 
 
 @pytest.mark.parametrize("bad", ["-5", "12a", "", "1.5", "٣"])

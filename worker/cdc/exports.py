@@ -147,7 +147,7 @@ async def read_incremental(s3: S3Client, uris: list[str]) -> dict[str, list[dict
         for key, _ in export.data_files:
 
             def envelope(line: bytes, number: int, key: str = key) -> dict[str, Any]:
-                return _change(line, f"{key}:{number}")
+                return change_envelope(line, f"{key}:{number}")
 
             async for batch in _envelopes(s3, export.bucket, key, envelope, 50_000):
                 changes.extend(batch)
@@ -212,7 +212,8 @@ def _item(line: bytes, event_id: str, key_names: list[str], time_ms: int) -> dic
     }
 
 
-def _change(line: bytes, event_id: str) -> dict[str, Any]:
+def change_envelope(line: bytes | str, event_id: str) -> dict[str, Any]:
+    """One incremental export line as the stream's envelope (shared with the Databricks job)."""
     doc = orjson.loads(line)
     if not isinstance(doc, dict) or not isinstance(doc.get("Keys"), dict) or not doc["Keys"]:
         raise TypeError("not a change line (no Keys)")
