@@ -57,6 +57,7 @@ demo: $(BIN)/.installed-demo
 bench: install
 	$(COMPILE) worker lambda_entry.py benchmarks  # measured as the image runs: compiled
 	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.encode
 
 clean:
 	rm -rf $(VENV) $(TOOLS) node_modules .mypy_cache .pytest_cache .ruff_cache

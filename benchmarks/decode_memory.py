@@ -26,21 +26,13 @@ from pathlib import Path
 from benchmarks.memory import WHOLE_FILE, peak_mb, sample
 from benchmarks.servers import sink_process
 from worker.loader.budget import RUNTIME_PEAK, STREAMED_RATIO, WHOLE_FILE_RATIO, WORKING_SET
+from worker.loader.extract.wire import encode_varint
 
 MiB = 1024 * 1024
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _len(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return encode_varint(number << 3 | 2) + encode_varint(len(payload)) + payload
 
 
 def _table(body: bytes) -> bytes:

@@ -15,6 +15,7 @@ from worker.core.errors import CorruptObject, ObjectTooLarge, WorkerError
 from worker.loader.budget import MESSAGE_BYTES
 from worker.loader.extract import Extractor, reference
 from worker.loader.extract.outputfile_pb2 import OutputFile
+from worker.loader.extract.wire import encode_varint as varint
 from worker.loader.extract.wire import fields
 
 WHOLE = Extractor.from_specs(
@@ -50,15 +51,6 @@ def comparable(answer: Answer) -> Any:
                for r in rows]
         for name, rows in answer.items()
     }  # fmt: skip
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def field(number: int, wire: int, payload: bytes = b"") -> bytes:

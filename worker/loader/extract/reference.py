@@ -26,7 +26,16 @@ from google.protobuf.message import DecodeError
 from worker.core.errors import CorruptObject, ObjectTooLarge
 from worker.loader.extract import SLICE_ROWS
 from worker.loader.extract.outputfile_pb2 import OutputFile
-from worker.loader.extract.wire import LENGTH, MASK64, MAX_DEPTH, VARINT, Buffer, fields, varint
+from worker.loader.extract.wire import (
+    LENGTH,
+    MASK64,
+    MAX_DEPTH,
+    VARINT,
+    Buffer,
+    encode_varint,
+    fields,
+    varint,
+)
 
 Rows = dict[str, list[dict[str, Any]]]
 SLICE_BYTES = 1024 * 1024  # rows parsed at once: SLICE_ROWS, or this many bytes
@@ -248,7 +257,7 @@ def _value_chunks(data: memoryview, start: int, end: int) -> Iterator[tuple[int,
 def _parse_values(data: memoryview, span: tuple[int, int]) -> Any:
     row = bytes(data[span[0] : span[1]])
     try:
-        return _in_file(b"\x1a" + _length(len(row)) + row).tables[0].rows[0].values
+        return _in_file(b"\x1a" + encode_varint(len(row)) + row).tables[0].rows[0].values
     except DecodeError as exc:
         raise CorruptObject(f"a row does not decode: {exc}") from None
 
@@ -256,7 +265,7 @@ def _parse_values(data: memoryview, span: tuple[int, int]) -> Any:
 def _in_file(rows: bytes) -> OutputFile:
     """``rows`` (a table's fields) as the one table of a file, so upb counts
     nesting as in the file."""
-    return OutputFile.FromString(b"\x22" + _length(len(rows)) + rows)
+    return OutputFile.FromString(b"\x22" + encode_varint(len(rows)) + rows)
 
 
 def _big_row(data: memoryview, start: int, end: int, columns: list[str]) -> dict[str, Any]:
@@ -272,15 +281,6 @@ def _big_row(data: memoryview, start: int, end: int, columns: list[str]) -> dict
                 record[columns[index]] = getattr(value, kind)
             index += 1
     return record
-
-
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _text(data: memoryview, start: int, end: int, what: str) -> str:

@@ -46,6 +46,16 @@ def varint(data: Buffer, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def encode_varint(n: int) -> bytes:
+    """``n`` (a natural number) as a varint."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def _short_varint(data: Buffer, pos: int, what: str) -> tuple[int, int]:
     """A tag or a length: at most 5 bytes."""
     value, after = varint(data, pos)
