@@ -10,7 +10,9 @@ instead: it decodes the bytes itself (``OUTPUT_FILE_MESSAGE`` is not used)
 and yields slices of rows, table after table, so memory holds the file's bytes
 and a few slices, never the whole file as dicts. Its result may carry
 ``table_names`` (every table, known before any row is parsed); the loader then
-checks the file's tables before it creates one. Without ``iterOutputData``,
+checks the file's tables before it creates one. A hook that takes a
+``max_tables`` keyword gets ``MAX_TABLES_PER_FILE``, to refuse a file as soon
+as it passes it. Without ``iterOutputData``,
 ``processOutputData`` gets the whole decoded message and returns every row at
 once: the memory-hungry path.
 """
