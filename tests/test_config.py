@@ -91,3 +91,12 @@ def test_the_ledger_settings_are_read_and_required_by_name() -> None:
     complete.require()
     with pytest.raises(ConfigError, match="LOADER_QUEUE_URL"):
         complete.require(dispatch=True)
+
+
+def test_the_tombstone_retention_default_is_the_one_the_databricks_job_uses() -> None:
+    """Written twice (the core cannot import a product; the job imports only the rules):
+    held equal here."""
+    from worker.cdc import cdc_rules
+
+    default = Settings.from_env({}).lake_tombstone_retention_hours
+    assert default == cdc_rules.TOMBSTONE_RETENTION_HOURS == 168
