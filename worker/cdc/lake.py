@@ -46,7 +46,7 @@ from worker.cdc.parts import list_parts, read_parts
 from worker.cdc.rows import arrow_table, to_rows
 from worker.core.backoff import Backoff
 from worker.core.config import AwsSettings
-from worker.core.errors import LakeError
+from worker.core.errors import LakeError, first_line
 from worker.core.log import get_logger
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ class Lake:
                 return None
             return DeltaTable(uri, storage_options=self.storage_options)
         except (DeltaError, OSError) as exc:
-            raise LakeError(f"{uri} cannot be opened: {_first_line(exc)}", target=uri) from None
+            raise LakeError(f"{uri} cannot be opened: {first_line(exc)}", target=uri) from None
 
     def check_state(self, table: DeltaTable | None) -> None:
         """A target's sidecars are there and open (they are made before it)."""
@@ -154,11 +154,6 @@ def read_cutover(lake: Lake) -> Cutover | None:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
 def app_id(source: str) -> str:
     return f"worker-cdc:{source}"
 
@@ -197,8 +192,10 @@ async def apply_changes(
             await asyncio.sleep(COMMIT_BACKOFF.delay(attempt - 1))
         table = await asyncio.to_thread(lake.load, target)
         await asyncio.to_thread(lake.check_state, table)
-        await asyncio.to_thread(_one_ordering, lake, source)
-        done, unrecorded = await asyncio.to_thread(_applied_parts, lake, table, source)
+        progress = await asyncio.to_thread(progress_rows, lake)  # read once per attempt
+        _one_ordering(lake, source, {row["source"] for row in progress})
+        recorded = {row["part"] for row in progress if row["source"] == source}
+        done, unrecorded = await asyncio.to_thread(_applied_parts, table, source, recorded)
         new = [key for key in listed if key not in done]
         if not new:
             if unrecorded:
@@ -237,13 +234,10 @@ async def apply_changes(
     raise LakeError(f"gave up after {max_attempts} commit conflicts on {target}")
 
 
-def _one_ordering(lake: Lake, source: str) -> None:
+def _one_ordering(lake: Lake, source: str, sources: set[str]) -> None:
     """Stream parts order changes by sequence number, incremental exports by write
-    time: the two cannot be compared, so one table takes one of them."""
-    progress = lake.load(lake.progress)
-    if progress is None:
-        return
-    sources = set(progress.to_pyarrow_table(columns=["source"]).column("source").to_pylist())
+    time: the two cannot be compared, so one table takes one of them (``sources``:
+    those ``progress`` lists)."""
     kind = source.startswith(INCREMENTAL_PREFIX)
     for other in sorted(sources):
         if not other.startswith("arn:") and other.startswith(INCREMENTAL_PREFIX) != kind:
@@ -283,10 +277,12 @@ def _survives(
     return rules.survives(row[rules.SEQUENCE_COLUMN], tombstone)
 
 
-def _applied_parts(lake: Lake, table: DeltaTable | None, source: str) -> tuple[set[str], set[str]]:
-    """Parts applied to ``table`` from ``source``: those ``progress`` lists, and those
-    that target commits still in the log name but ``progress`` does not (yet)."""
-    recorded = recorded_parts(lake, source)
+def _applied_parts(
+    table: DeltaTable | None, source: str, recorded: set[str]
+) -> tuple[set[str], set[str]]:
+    """Parts applied to ``table`` from ``source``: those ``progress`` lists
+    (``recorded``), and those that target commits still in the log name but
+    ``progress`` does not (yet)."""
     in_log: set[str] = set()
     for commit in table.history() if table is not None else []:
         if commit.get(METADATA_SOURCE) == source and METADATA_PARTS in commit:
@@ -294,13 +290,18 @@ def _applied_parts(lake: Lake, table: DeltaTable | None, source: str) -> tuple[s
     return recorded | in_log, in_log - recorded
 
 
-def recorded_parts(lake: Lake, source: str) -> set[str]:
-    """The parts (or export files) ``progress`` lists for ``source``."""
+def progress_rows(lake: Lake) -> list[dict[str, str]]:
+    """``progress``'s (source, part) rows; none when it is not there."""
     progress = lake.load(lake.progress)
     if progress is None:
-        return set()
-    rows = progress.to_pyarrow_table(columns=["source", "part"]).to_pylist()
-    return {r["part"] for r in rows if r["source"] == source}
+        return []
+    rows: list[dict[str, str]] = progress.to_pyarrow_table(columns=["source", "part"]).to_pylist()
+    return rows
+
+
+def recorded_parts(lake: Lake, source: str) -> set[str]:
+    """The parts (or export files) ``progress`` lists for ``source``."""
+    return {row["part"] for row in progress_rows(lake) if row["source"] == source}
 
 
 class _TableExists(Exception):

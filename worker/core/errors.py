@@ -155,3 +155,10 @@ class Conflict(InvalidRequest):
 class Unprocessable(InvalidRequest):
     reason = "unprocessable"
     status = 422
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (its first, at most 300 characters): how
+    a library's many-line error (delta-rs, Arrow) is told in one."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__

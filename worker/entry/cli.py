@@ -19,7 +19,7 @@ import uvloop
 
 from worker.core import log
 from worker.core.config import Settings
-from worker.core.errors import ConfigError, LakeError, WorkerError
+from worker.core.errors import ConfigError, LakeError, WorkerError, first_line
 
 DESCRIPTION = (
     "Asyncio ingestion worker for AWS data pipelines: loads S3 OutputFiles named by SQS "
@@ -253,8 +253,7 @@ def _lake(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return _lake_command(args, settings)
     except (DeltaError, pa.ArrowException) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise LakeError(f"lake {args.lake_command}: {first}") from None
+        raise LakeError(f"lake {args.lake_command}: {first_line(exc)}") from None
 
 
 def _lake_command(args: argparse.Namespace, settings: Settings) -> int:
