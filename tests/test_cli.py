@@ -165,6 +165,25 @@ def test_a_missing_extra_is_named_in_one_line(tmp_path: Path) -> None:
     one_line_error(result, 2, "'lake' extra")
 
 
+def test_a_lake_command_ends_without_the_interpreters_finalization() -> None:
+    """delta-rs and Arrow threads tearing down at finalization abort the process
+    now and then (SIGABRT after a finished command): a lake command skips it. An
+    endpoint that does not answer is one line too, not botocore's traceback."""
+    script = (
+        "import atexit\n"
+        "atexit.register(lambda: print('finalized'))\n"
+        "from worker.entry.cli import main\n"
+        "raise SystemExit(main(['lake', 'apply', '--source', 's3://b/t', '--target', 'x']))\n"
+    )
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
+        timeout=60,
+    )  # fmt: skip
+    assert "finalized" not in result.stdout
+    one_line_error(result, 1, "worker lake: error:")
+
+
 def test_version_and_help_read_as_plain_text() -> None:
     version = worker("--version")
     assert version.returncode == 0 and version.stdout.startswith("worker ")

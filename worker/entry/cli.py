@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -195,19 +196,43 @@ def _natural(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _main(args)
+    if args.command == "lake":
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> NoReturn:
+    """End a lake command without the interpreter's finalization: delta-rs's Rust
+    runtime and Arrow's C++ thread pools can still be tearing down when Python
+    frees their modules, and now and then the process then aborts (SIGABRT,
+    "terminate called without an active exception") after its work and its
+    output are done. Everything the command writes is flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(args: argparse.Namespace) -> int:
     prog = f"worker {args.command}"
     try:
         return _dispatch(args, Settings.from_env())
     except WorkerError as exc:
         print(f"{prog}: error: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-
     except ModuleNotFoundError as exc:  # an optional extra this install lacks
         print(f"{prog}: error: {_missing_extra(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a port taken, a directory missing: the OS's own words
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # an AWS call no layer below could answer for
+        from worker.core.aws import ANY_AWS_FAILURE, ENVIRONMENT_FAILURES
+
+        if not isinstance(exc, ANY_AWS_FAILURE):
+            raise
+        print(f"{prog}: error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, ENVIRONMENT_FAILURES) else 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
