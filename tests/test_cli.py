@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import BUCKET, scan
 from tests.processes import ROOT
+from worker.core.config import Settings
 
 
 def worker(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:
@@ -306,3 +307,20 @@ def test_the_readmes_try_out_runs_as_written(tmp_path: Path) -> None:
     (listing,) = [d for d in docs if "items" in d]
     (run,) = listing["items"]
     assert (run["runId"], run["status"], run["processedFiles"]) == (created["runId"], "success", 1)
+
+
+def test_a_dataset_of_urls_is_put_from_the_command_line(ledger_settings: Settings) -> None:
+    ledger = ledger_settings.ledger
+    env = {"RUN_TABLE_NAME": ledger.run_table, "FILE_TABLE_NAME": ledger.file_table,
+           "DATASET_TABLE_NAME": ledger.dataset_table}  # fmt: skip
+    urls = ["--file", "https://data.vendor.com/{businessDate}/a.pb",
+            "--file", "https://data.vendor.com/{businessDate}/b.pb"]  # fmt: skip
+    put = ["datasets", "put", "quotes", *urls, "--secret", "worker/acquire/v"]
+    refused = worker(*put, env=env)  # no host is allowed yet
+    one_line_error(refused, 1, "'data.vendor.com' is not in ACQUIRE_ALLOWED_HOSTS")
+    stored = worker(*put, env={**env, "ACQUIRE_ALLOWED_HOSTS": "*.vendor.com"})
+    assert stored.returncode == 0, stored.stderr
+    assert orjson.loads(stored.stdout)["files"] == urls[1::2]
+    both = worker("datasets", "put", "quotes", "s3://bucket/x/", "--manifest", "https://a.com/m",
+                  env=env)  # fmt: skip
+    one_line_error(both, 2, "exactly one of location, files, manifest")

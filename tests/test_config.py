@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import pytest
 
+from tests.processes import ROOT
 from worker.core.config import ConfigError, Settings
 
 
@@ -100,3 +102,17 @@ def test_the_tombstone_retention_default_is_the_one_the_databricks_job_uses() ->
 
     default = Settings.from_env({}).lake_tombstone_retention_hours
     assert default == cdc_rules.TOMBSTONE_RETENTION_HOURS == 168
+
+
+def test_every_variable_the_settings_read_is_documented_in_the_readme() -> None:
+    class Recording(dict[str, str]):
+        read: ClassVar[set[str]] = set()
+
+        def get(self, key: str, default: Any = None) -> Any:
+            self.read.add(key)
+            return super().get(key, default)
+
+    Settings.from_env(Recording())
+    readme = (ROOT / "README.md").read_text()
+    assert len(Recording.read) > 50
+    assert {name for name in Recording.read if f"`{name}`" not in readme} == set()

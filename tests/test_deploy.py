@@ -284,7 +284,8 @@ def test_the_template_deploys_on_moto_and_what_it_made_loads_a_message(
 
 
 _INSIGHTS_WORDS = {"fields", "filter", "stats", "count", "sort", "desc", "asc", "limit", "by",
-                   "and", "or", "not", "like", "in", "as", "bin", "display"}  # fmt: skip
+                   "and", "or", "not", "like", "in", "as", "bin", "display",
+                   "ispresent"}  # fmt: skip
 
 
 def logged_fields() -> set[str]:

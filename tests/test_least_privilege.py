@@ -36,7 +36,9 @@ from tests.conftest import BUCKET
 from tests.fault_proxy import ForwardingProxy, S3Faults
 from tests.processes import ROOT
 from tests.test_deploy import expand
+from tests.vendor import Vendor, entry
 from worker.core.config import (
+    AcquireSettings,
     FirehoseSettings,
     LedgerSettings,
     PollSettings,
@@ -51,7 +53,10 @@ from worker.loader.poller import Poller
 ROLE: contextvars.ContextVar[str] = contextvars.ContextVar("role", default="unattributed")
 RAW = "raw-parts"
 # used by AWS on the role's behalf (DecryptSource: S3 calls KMS for an SSE-KMS object)
-SERVICE_SIDS = {"ConsumeQueue", "ReadStream", "OnFailure", "DecryptSource"}
+# (LandingMisses: S3 reads ListBucket to answer a missing key 404 rather than 403)
+SERVICE_SIDS = {"ConsumeQueue", "ReadStream", "OnFailure", "DecryptSource", "LandingMisses"}
+LANDING = "landing-files"
+SECRET = "worker/acquire/vendor"
 ROLES = ("LoaderFunctionRole", "LoaderTaskRole", "ApiFunctionRole", "StreamsFunctionRole",
          "FirehoseTransformRole")  # fmt: skip
 
@@ -59,8 +64,12 @@ ROLES = ("LoaderFunctionRole", "LoaderTaskRole", "ApiFunctionRole", "StreamsFunc
 def iam_actions(service: str, operation: str, params: dict[str, Any]) -> set[str]:
     """The IAM actions one API call needs."""
     if service == "s3":
-        if operation == "GetObject":
+        if operation in ("GetObject", "HeadObject"):
             return {"s3:GetObjectVersion" if params.get("VersionId") else "s3:GetObject"}
+        if operation in ("CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"):
+            return {"s3:PutObject"}
+        if operation == "PutObject" and params.get("Tagging"):
+            return {"s3:PutObject", "s3:PutObjectTagging"}
         return {"s3:ListBucket" if operation == "ListObjectsV2" else f"s3:{operation}"}
     if service == "dynamodb" and operation == "TransactWriteItems":  # no action of its own
         kinds = {next(iter(item)) for item in params["TransactItems"]}
@@ -120,7 +129,13 @@ def http_event(method: str, path: str, body: Any = None, **query: str) -> dict[s
 
 def sqs_records(queue_url: str, count: int) -> list[dict[str, Any]]:
     sqs = boto3.client("sqs")
-    got = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=count)["Messages"]
+    got: list[Any] = []
+    for _ in range(20):  # moto may answer with fewer than are there
+        got += sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=count - len(got)).get(
+            "Messages", []
+        )
+        if len(got) == count:
+            break
     for message in got:
         sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
     return [f.sqs_record(m["Body"], m["MessageId"]) for m in got]
@@ -155,15 +170,19 @@ def test_every_call_is_granted_to_its_role_and_every_grant_is_used(
         streams=StreamSettings(bucket=RAW), firehose=FirehoseSettings(cache_table=cache),
         poll=PollSettings(queue_url=queue, wait_s=1, retry_delay_s=0,
                           health_file=str(tmp_path / "hb")),
+        acquire=AcquireSettings(landing_bucket=LANDING, allowed_hosts=("127.0.0.1",),
+                                allow_http=True, allow_private=True),
     )  # fmt: skip
     ROLE.set("setup")  # what CloudFormation creates in AWS; `worker setup` here
     asyncio.run(_setup(ledger, cache))
+    s3.create_bucket(Bucket=LANDING)
+    boto3.client("secretsmanager").create_secret(Name=SECRET, SecretString='{"token": "t"}')
     context = f.LambdaContext()
 
-    def submit(day: str) -> dict[str, Any]:
+    def submit(day: str, dataset: str = "d") -> dict[str, Any]:
         ROLE.set("ApiFunctionRole")  # a runtime keeps the context of its first event:
         api = install_runtime(settings)  # each phase gets a runtime of its own
-        body = {"datasetName": "d", "businessDate": day}
+        body = {"datasetName": dataset, "businessDate": day}
         return dict(orjson.loads(api(http_event("POST", "/runs", body), context)["body"]))
 
     # the API (ApiFunctionRole): a dataset, a run, listings, health, a refused cancel
@@ -203,6 +222,39 @@ def test_every_call_is_granted_to_its_role_and_every_grant_is_used(
     ROLE.set("LoaderFunctionRole")
     loader = install_runtime(settings)
     assert loader(f.sqs_event(*sqs_records(queue, 1)), context) == {"batchItemFailures": []}
+
+    # acquisition: a vendor's manifest behind credentials, read by the API; one file
+    # lands, the other (over a part, its checksum wrong) is aborted, by either loader
+    with Vendor() as vendor:
+        good = f.output_file(("a", ["id"], [["fetched"]]), file_id=f"{prefix}-fetched")
+        vendor.serve("2026-11-25/good.pb", good)
+        vendor.serve("2026-11-25/bad.bin", os.urandom(9 << 20))
+        listing = [entry("good.pb", good), entry("bad.bin", b"", size=9 << 20)]
+        vendor.serve("2026-11-25/m.json", orjson.dumps({"files": listing}))
+        absolute = [{**e, "url": vendor.url(f"2026-11-25/{e['url']}")} for e in listing]
+        s3.put_object(Bucket=BUCKET, Key="manifests/2026-11-26.json",
+                      Body=orjson.dumps({"files": absolute}))  # fmt: skip
+        ROLE.set("ApiFunctionRole")
+        api = install_runtime(settings)
+        for name, manifest in (
+            ("h", vendor.url("{businessDate}/m.json")),
+            ("m", f"s3://{BUCKET}/manifests/{{businessDate}}.json"),
+        ):
+            dataset = {"manifest": manifest, "secret": SECRET}
+            assert (
+                api(http_event("PUT", f"/datasets/{name}", dataset), context)["statusCode"] == 200
+            )
+        assert submit("2026-11-25", "h")["resolvedFiles"] == 2
+        ROLE.set("LoaderFunctionRole")
+        loader = install_runtime(settings)
+        failed = loader(f.sqs_event(*sqs_records(queue, 2)), context)["batchItemFailures"]
+        assert len(failed) == 1
+        assert submit("2026-11-26", "m")["resolvedFiles"] == 2
+        ROLE.set("LoaderTaskRole")
+        stats = asyncio.run(_poll(settings, until_deleted=1))
+        assert stats.deleted == 1 and stats.failed >= 1
+    landed = s3.list_objects_v2(Bucket=LANDING)["Contents"]
+    assert [o["Key"].rpartition("/")[2] for o in landed] == ["good.pb", "good.pb"]
 
     # the streams buffer (StreamsFunctionRole)
     ROLE.set("StreamsFunctionRole")

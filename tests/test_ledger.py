@@ -194,7 +194,7 @@ async def test_a_file_whose_message_is_dead_lettered_ends_failed(
         record["attributes"]["ApproximateReceiveCount"] = str(receive)
         assert await load(flaky, [record]) == [record["messageId"]]
         (item,) = (await call("GET", f"/runs/{run_id}/files"))[1]["items"]
-        assert item["status"] == "fetched" and item["error"]["reason"] == "transient_aws_error"
+        assert item["status"] == "verified" and item["error"]["reason"] == "transient_aws_error"
     record["attributes"]["ApproximateReceiveCount"] = "3"  # maxReceiveCount: next stop, the DLQ
     assert await load(flaky, [record]) == [record["messageId"]]
     (item,) = (await call("GET", f"/runs/{run_id}/files"))[1]["items"]

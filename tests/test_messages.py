@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests import factories as f
 from worker.core.errors import MalformedMessage
 from worker.loader.messages import ObjectRef, parse_body
+from worker.loader.verify import Expected
 
 
 def body(doc: object) -> str:
@@ -70,3 +73,41 @@ def test_malformed_bodies_are_permanent_errors_that_say_why(raw: str, says: str)
     with pytest.raises(MalformedMessage, match=says) as caught:
         parse_body(raw)
     assert not caught.value.retriable
+
+
+RUN_FILE = {"run_id": "r1", "file_id": "0f" * 16}
+URL_BODY = {"url": "https://data.vendor.com/2026/q%201.pb?sig=x", **RUN_FILE,
+            "dataset": "quotes", "business_date": "2026-11-21"}  # fmt: skip
+
+
+def test_a_url_body_names_a_runs_file_and_where_it_lands() -> None:
+    (ref,) = parse_body(body({**URL_BODY, "secret": "worker/acquire/v", "expect": {"size": 9}}))
+    assert ref.key == f"quotes/2026-11-21/{'0f' * 16}/q_1.pb"  # the name made safe
+    assert ref.remote is not None and ref.remote.secret == "worker/acquire/v"
+    assert ref.expected == Expected(size=9) and ref.uri == "https://data.vendor.com/2026/q%201.pb"
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"url": "ftp://x/y"}, "http(s) URL"),
+        ({"run_id": None, "file_id": None}, "a url message is a run's"),
+        ({"business_date": "21/11/2026"}, "business_date"),
+        ({"dataset": "../up"}, "dataset"),
+        ({"file_id": "a/b"}, "file_id"),
+        ({"expect": {"sha256": "XYZ"}}, "expect.sha256"),
+        ({"expect": {"size": -1}}, "expect.size"),
+        ({"expect": {"crc": 1}}, "expect is not"),
+    ],
+)
+def test_a_url_body_that_breaks_the_format_is_malformed(
+    change: dict[str, object], says: str
+) -> None:
+    doc = {k: v for k, v in {**URL_BODY, **change}.items() if v is not None}
+    with pytest.raises(MalformedMessage, match=re.escape(says)):
+        parse_body(body(doc))
+
+
+def test_a_plain_body_carries_what_its_manifest_says() -> None:
+    (ref,) = parse_body(body({"bucket": "b", "key": "k", **RUN_FILE, "expect": {"md5": "a" * 32}}))
+    assert ref.expected == Expected(md5="a" * 32) and ref.remote is None

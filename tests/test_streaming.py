@@ -145,7 +145,7 @@ async def test_the_byte_budget_keeps_two_large_objects_from_loading_at_once(
     peaks = []
     for budget in (len(data) + 1, None):  # room for one object; no budget at all
         loader = Loader(settings, clients)
-        loader.budget = ByteBudget(budget)
+        loader.budget = loader.sources.budget = ByteBudget(budget)
         loader.extractor = dataclasses.replace(
             loader.extractor, process=_slowly(loader.extractor.process), iterate=None
         )

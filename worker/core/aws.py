@@ -39,6 +39,7 @@ from worker.core.errors import ConfigError
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
     from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_secretsmanager import SecretsManagerClient
     from types_aiobotocore_sqs import SQSClient
 
     from worker.core.config import Settings
@@ -69,6 +70,7 @@ class Clients:
         self.sqs: SQSClient
         self.dynamodb: DynamoDBClient
         self.dynamodb_writes: DynamoDBClient
+        self._secrets: SecretsManagerClient | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Clients:
@@ -100,6 +102,16 @@ class Clients:
         self._stack = stack
         return self
 
+    async def secrets(self) -> SecretsManagerClient:
+        """Secrets Manager, opened on first use: only sources with credentials need it."""
+        assert self._stack is not None, "open the clients first"
+        if self._secrets is None:
+            config = client_config(self._aws, pool=4, attempts=5)
+            self._secrets = await self._stack.enter_async_context(
+                self.session.client("secretsmanager", config=config)
+            )
+        return self._secrets
+
     def on_close(self, close: Callable[[], Awaitable[object]]) -> None:
         """Close ``close``'s owner with these clients (a transport opened beside them)."""
         assert self._stack is not None, "open the clients first"
@@ -115,6 +127,7 @@ class Clients:
 
     async def aclose(self) -> None:
         stack, self._stack = self._stack, None
+        self._secrets = None
         if stack is not None:
             await stack.aclose()
 

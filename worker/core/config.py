@@ -12,6 +12,7 @@ are read by botocore itself; the S3 endpoint is also read here, for delta-rs.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, cast, get_args
@@ -63,6 +64,35 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 
 def _text(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(name, "").strip() or default
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return _choice(env, name, "false", ("true", "false")) == "true"
+
+
+_HOST = re.compile(
+    r"(\*\.)?[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?)*"
+)
+
+
+def _readable(env: Mapping[str, str], name: str) -> str:
+    """A file's path that can be read now, or empty."""
+    path = _text(env, name)
+    if path and not os.access(path, os.R_OK):
+        raise ConfigError(f"{name}={path[:80]!r} is not a readable file", variable=name)
+    return path
+
+
+def _hosts(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma list of host names, each exact or ``*.suffix``."""
+    hosts = tuple(h.strip().lower() for h in env.get(name, "").split(",") if h.strip())
+    for host in hosts:
+        if not _HOST.fullmatch(host) or (host.startswith("*.") and "." not in host[2:]):
+            raise ConfigError(
+                f"{name}: {host[:60]!r} is not a host name or *.domain (e.g. *.vendor.com)",
+                variable=name,
+            )
+    return hosts
 
 
 def _backoff(
@@ -191,6 +221,39 @@ class LedgerSettings:
             )
 
 
+ACQUIRE_BACKOFF = Backoff(base_s=0.5, cap_s=20.0, attempts=4)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AcquireSettings:
+    """Fetching a run's files from HTTP(S) sources into the landing bucket."""
+
+    landing_bucket: str = ""
+    allowed_hosts: tuple[str, ...] = ()  # exact names or "*.suffix"
+    allow_http: bool = False
+    allow_private: bool = False  # loopback, private, link-local and multicast addresses
+    secret_prefix: str = "worker/acquire/"
+    ca_bundle: str = ""  # PEM certificates trusted beside the system's (a private CA)
+    connect_timeout_s: int = 10
+    read_timeout_s: int = 30  # the longest silence between two reads of a body
+    deadline_s: int = 600  # one file's whole transfer, retries included
+    max_manifest_bytes: int = 8 * MiB
+    backoff: Backoff = ACQUIRE_BACKOFF
+
+    def require(self) -> None:
+        """What an HTTP(S) file needs: somewhere to land, and hosts to reach."""
+        if not self.landing_bucket:
+            raise ConfigError(
+                "LANDING_BUCKET is not set: HTTP(S) files are fetched into it",
+                variable="LANDING_BUCKET",
+            )
+        if not self.allowed_hosts:
+            raise ConfigError(
+                "ACQUIRE_ALLOWED_HOSTS is not set: no HTTP(S) host may be fetched from",
+                variable="ACQUIRE_ALLOWED_HOSTS",
+            )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AwsSettings:
     """Client timeouts, and the S3 endpoint that delta-rs must be told about."""
@@ -227,6 +290,7 @@ class Settings:
     firehose: FirehoseSettings = field(default_factory=FirehoseSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    acquire: AcquireSettings = field(default_factory=AcquireSettings)
     lake_tombstone_retention_hours: int = 7 * 24
 
     @property
@@ -277,6 +341,7 @@ class Settings:
             firehose=_firehose(env),
             streams=_streams(env),
             ledger=_ledger(env),
+            acquire=_acquire(env),
             lake_tombstone_retention_hours=_int(
                 env,
                 "LAKE_TOMBSTONE_RETENTION_HOURS",
@@ -360,4 +425,29 @@ def _streams(env: Mapping[str, str]) -> StreamSettings:
         max_records=_int(env, "STREAM_MAX_RECORDS", d.max_records, maximum=1_000_000),
         max_bytes=_int(env, "STREAM_MAX_BYTES", d.max_bytes, minimum=1024, maximum=5 * 1024 * MiB),
         write_concurrency=_int(env, "STREAM_WRITE_CONCURRENCY", d.write_concurrency, maximum=256),
+    )
+
+
+def _acquire(env: Mapping[str, str]) -> AcquireSettings:
+    d = AcquireSettings()
+    prefix = _text(env, "ACQUIRE_SECRET_PREFIX", d.secret_prefix)
+    if not re.fullmatch(r"[A-Za-z0-9/_+=.@\-]{1,256}", prefix):
+        raise ConfigError(
+            f"ACQUIRE_SECRET_PREFIX={prefix[:40]!r} is not a Secrets Manager name prefix",
+            variable="ACQUIRE_SECRET_PREFIX",
+        )
+    return AcquireSettings(
+        landing_bucket=_text(env, "LANDING_BUCKET"),
+        allowed_hosts=_hosts(env, "ACQUIRE_ALLOWED_HOSTS"),
+        allow_http=_flag(env, "ACQUIRE_ALLOW_HTTP"),
+        allow_private=_flag(env, "ACQUIRE_ALLOW_PRIVATE"),
+        secret_prefix=prefix,
+        ca_bundle=_readable(env, "ACQUIRE_CA_BUNDLE"),
+        connect_timeout_s=_int(env, "ACQUIRE_CONNECT_TIMEOUT_S", d.connect_timeout_s, maximum=300),
+        read_timeout_s=_int(env, "ACQUIRE_READ_TIMEOUT_S", d.read_timeout_s, maximum=900),
+        deadline_s=_int(env, "ACQUIRE_DEADLINE_S", d.deadline_s, maximum=43_200),
+        max_manifest_bytes=_int(
+            env, "ACQUIRE_MAX_MANIFEST_BYTES", d.max_manifest_bytes, maximum=256 * MiB
+        ),
+        backoff=_backoff(env, "ACQUIRE", d.backoff, attempts_name="ACQUIRE_MAX_ATTEMPTS"),
     )

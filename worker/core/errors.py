@@ -7,11 +7,17 @@ what the caller should do with the message that caused it::
     ├── RetryableError            retriable: leave the message; SQS redelivers it
     │   ├── WriteThrottled        BatchWriteItem attempts ran out (throttles, unprocessed)
     │   ├── TransientAwsError     5xx, timeouts, connection resets that outlived retries
+    │   ├── FetchUnavailable      an HTTP(S) source's 5xx, 429, timeouts that outlived retries
     │   └── DeadlineExceeded      the Lambda safety margin came before the work finished
     └── PermanentError            not retriable: ERROR log; the redrive policy moves it to the DLQ
         ├── ConfigError           a setting the worker cannot use, or no AWS credentials/region
         ├── MalformedMessage      the SQS body names no object we can read
-        ├── SourceNotAllowed      a bucket outside SOURCE_BUCKETS
+        ├── SourceNotAllowed      a bucket outside SOURCE_BUCKETS, a scheme not allowed
+        │   ├── HostNotAllowed    a URL (or redirect) to a host outside ACQUIRE_ALLOWED_HOSTS
+        │   └── AddressNotAllowed a connection to a private, loopback or metadata address
+        ├── FetchFailed           an HTTP(S) source's 4xx, too many redirects, no secret
+        ├── ChecksumMismatch      a fetched file is not what its manifest or server said
+        │   └── SizeMismatch      ... by its size
         ├── ObjectUnavailable     NoSuchKey / AccessDenied
         ├── ObjectTooLarge        over MAX_OBJECT_BYTES, or over MAX_DECODED_BYTES once gunzipped
         ├── CorruptObject         empty, truncated gzip, or not a protobuf ``OutputFile``
@@ -76,6 +82,10 @@ class DeadlineExceeded(RetryableError):
     reason = "deadline_exceeded"
 
 
+class FetchUnavailable(RetryableError):
+    reason = "fetch_unavailable"
+
+
 class PermanentError(WorkerError):
     retriable = False
     reason = "permanent"
@@ -93,6 +103,28 @@ class MalformedMessage(PermanentError):
 
 class SourceNotAllowed(PermanentError):
     reason = "source_not_allowed"
+
+
+class HostNotAllowed(SourceNotAllowed):
+    reason = "host_not_allowed"
+
+
+class AddressNotAllowed(SourceNotAllowed):
+    reason = "address_not_allowed"
+
+
+class FetchFailed(PermanentError):
+    reason = "fetch_failed"
+
+
+class ChecksumMismatch(PermanentError):
+    """``expected`` and ``actual`` name both values (``algorithm``: sha256, md5, size)."""
+
+    reason = "checksum_mismatch"
+
+
+class SizeMismatch(ChecksumMismatch):
+    reason = "size_mismatch"
 
 
 class ObjectUnavailable(PermanentError):

@@ -24,7 +24,7 @@ class TrackedFile:
 class LoadedFile:
     rows_written: int
     size: int
-    checksum: str  # the object's ETag (or version), as S3 gave it
+    checksum: str  # "sha256:<hex>" when verified by digest, else the object's ETag
 
 
 class FileTracker(Protocol):
@@ -35,6 +35,11 @@ class FileTracker(Protocol):
 
     async def fetched(self, file: TrackedFile) -> None:
         """The file was downloaded: it is ``fetched``; its run is ``processing``."""
+        ...
+
+    async def verified(self, file: TrackedFile, size: int, checksum: str) -> None:
+        """The file is what its manifest (or server) says: it is ``verified``, with the
+        size and checksum its bytes had."""
         ...
 
     async def finished(self, file: TrackedFile, loaded: LoadedFile) -> None:

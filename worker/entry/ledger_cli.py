@@ -46,9 +46,20 @@ def add_commands(commands: Any) -> None:
     put = command(sub, "put", "create or replace a dataset")
     put.add_argument("name", help="the dataset's name")
     put.add_argument(
-        "location", help="s3:// template, e.g. s3://b/raw/{datasetName}/{businessDate}/"
+        "location",
+        nargs="?",
+        help="s3:// template, e.g. s3://b/raw/{datasetName}/{businessDate}/",
     )
     put.add_argument("--suffix", help="only keys ending with it are files of the dataset")
+    put.add_argument(
+        "--file",
+        action="append",
+        dest="files",
+        metavar="URL",
+        help="an https:// template of one file (repeat it; instead of a location)",
+    )
+    put.add_argument("--manifest", metavar="URL", help="the template of a manifest's URL")
+    put.add_argument("--secret", help="Secrets Manager name of the source's credentials")
 
     runs = command(commands, "runs", COMMANDS["runs"])
     sub = runs.add_subparsers(dest="runs_command", required=True, parser_class=type(runs))
@@ -102,7 +113,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
         ledger = make_ledger(settings, clients, dispatch=dispatch)
         try:
             if args.command == "datasets":
-                dataset = DatasetIn(location=args.location, suffix=args.suffix)
+                fields = ("location", "suffix", "files", "manifest", "secret")
+                given = {name: getattr(args, name) for name in fields}
+                dataset = DatasetIn.model_validate({k: v for k, v in given.items() if v})
                 _print(await ledger.put_dataset(args.name, dataset))
                 return 0
             return await _runs(ledger, args)

@@ -125,12 +125,18 @@ def make_loader(settings: Settings, clients: Clients) -> Loader:
 
 def make_ledger(settings: Settings, clients: Clients, *, dispatch: bool = True) -> Ledger:
     """The ledger's operations over the container's clients; its settings checked first."""
+    from worker.core.fetch import Fetcher, Secrets
     from worker.ledger.runs import Ledger
     from worker.ledger.store import Store
 
     settings.ledger.require(dispatch=dispatch)
     store = Store(clients.dynamodb, settings.ledger)
-    return Ledger(store, clients.s3, clients.sqs, source_buckets=settings.source_buckets)
+    acquire = settings.acquire
+    fetcher = Fetcher(acquire, Secrets(clients.secrets, acquire.secret_prefix))  # manifests
+    clients.on_close(fetcher.aclose)
+    return Ledger(
+        store, clients.s3, clients.sqs, source_buckets=settings.source_buckets, fetcher=fetcher
+    )
 
 
 def make_api(settings: Settings, clients: Clients) -> Api:

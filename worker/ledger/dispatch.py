@@ -1,11 +1,13 @@
 """A run's dispatch: list its files, register them, send one loader message each;
 resumable from wherever it stopped, and never bounded by one request's time.
 
-1. **Steps.** One step is one S3 page (up to ``PAGE`` keys): its files are registered
+1. **Steps.** One step is one page of the dataset's files (up to ``PAGE``: S3 keys
+   listed in order, or the URLs its ``files`` or manifest name, sorted): they are registered
    (``pending``), one message each is sent, and only then is the step counted on
    the run (``resolvedFiles``) and the cursor (``dispatchAfter``, the page's last
-   key) moved, under the dispatch lease (``transitions``). The last step seals
-   the run.
+   key or URL) moved, under the dispatch lease (``transitions``). The last step
+   seals the run. A manifest is read once per dispatch (``read_manifest``); a file
+   it lists with a size or checksum carries them to the loader, which verifies.
 2. **Resumable.** A dispatch killed anywhere restarts at the cursor. A file
    that this run registered already (and the loader may have moved on) is read
    first and never registered again, so it is never reset; a file of the
@@ -39,7 +41,9 @@ from structlog.contextvars import bound_contextvars
 
 from worker.core.aws import ANY_AWS_FAILURE, error_code, is_transient
 from worker.core.errors import DispatchFailed, RetryableError, TransientAwsError, WorkerError
+from worker.core.fetch import Fetcher
 from worker.core.log import get_logger
+from worker.ledger.manifest import Entry, read_manifest
 from worker.ledger.models import DatasetIn, FileStatus, RunStatus, file_id, split_s3_uri
 from worker.ledger.store import UNPROCESSED, Store, now_iso
 from worker.ledger.transitions import (
@@ -91,12 +95,25 @@ async def fan_out(
         raise failed.exceptions[0] from None
 
 
+Page = tuple[list["Entry"], str | None, bool, int]  # files, cursor, more follow, looked at
+Pages = Callable[[str | None, int], Awaitable[Page]]
+
+
+async def _page(entries: list[Entry], after: str | None, size: int) -> Page:
+    """A page of a sorted list of files, after the cursor ``after``."""
+    rest = [e for e in entries if after is None or e.location > after]
+    page = rest[:size]
+    return page, page[-1].location if page else after, len(rest) > size, len(page)
+
+
 class Dispatcher:
-    def __init__(self, store: Store, s3: S3Client, sqs: SQSClient) -> None:
+    def __init__(self, store: Store, s3: S3Client, sqs: SQSClient, fetcher: Fetcher) -> None:
         self._store = store
         self._s3 = s3
         self._sqs = sqs
         self._settings = store.settings
+        self._fetcher = fetcher
+        self._acquire = fetcher.settings
 
     async def dispatch(
         self, run: dict[str, Any], dataset: DatasetIn, token: str, deadline: float | None
@@ -133,7 +150,7 @@ class Dispatcher:
     async def _steps(
         self, run: dict[str, Any], dataset: DatasetIn, token: str, deadline: float | None
     ) -> dict[str, Any]:
-        bucket, prefix = dataset.prefix_for(run["datasetName"], run["businessDate"])
+        pages = await self._pages(run, dataset, deadline)
         size, per_key = (PAGE, 0.0) if deadline is None else (FIRST_PAGE, 0.0)
         while True:
             if deadline is not None and per_key:
@@ -146,11 +163,14 @@ class Dispatcher:
                     return run
             started = time.monotonic()
             after = run.get("dispatchAfter")
-            keys, last, more, listed = await self._list(bucket, prefix, after, dataset.suffix, size)
-            files = [self._file(run, bucket, obj) for obj in keys]
+            entries, last, more, listed = await pages(after, size)
+            files = [self._file(run, entry) for entry in entries]
+            bodies = [
+                self._body(run, dataset, doc, e) for doc, e in zip(files, entries, strict=True)
+            ]
             register = functools.partial(self._register, run["runId"])
             await fan_out(files, REGISTER, register)
-            await fan_out(files, SEND, self._send)
+            await fan_out(bodies, SEND, self._send)
             advanced = await advance_dispatch(
                 self._store, run, token, after=last, files=len(files), done=not more,
                 lease_s=self._settings.dispatch_timeout_s,
@@ -165,9 +185,29 @@ class Dispatcher:
                          status=run["status"])  # fmt: skip
                 return await complete_if_done(self._store, run["runId"]) or run
 
+    async def _pages(
+        self, run: dict[str, Any], dataset: DatasetIn, deadline: float | None
+    ) -> Pages:
+        """The dataset's files for the run's date, a page at a time."""
+        name, date = run["datasetName"], run["businessDate"]
+        if dataset.location is not None:
+            bucket, prefix = dataset.prefix_for(name, date)
+            return functools.partial(self._list, bucket, prefix, dataset.suffix)
+        if dataset.files is not None:
+            entries = [Entry(url) for url in dataset.urls_for(name, date)]
+        else:
+            until = deadline or time.monotonic() + self._acquire.deadline_s
+            entries = await read_manifest(
+                self._s3, self._fetcher, dataset.manifest_for(name, date), dataset.secret, until
+            )
+        for entry in entries:
+            if not entry.location.startswith("s3://"):
+                self._fetcher.check(entry.location)  # a host not allowed fails the run now
+        return functools.partial(_page, entries)
+
     async def _list(
-        self, bucket: str, prefix: str, after: str | None, suffix: str | None, size: int
-    ) -> tuple[list[dict[str, Any]], str | None, bool, int]:
+        self, bucket: str, prefix: str, suffix: str | None, after: str | None, size: int
+    ) -> Page:
         """One page of ``size`` keys after ``after``: those with the suffix, the page's
         last key, whether more follow, and how many keys it listed."""
         args: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": size}
@@ -179,25 +219,43 @@ class Dispatcher:
             raise _aws_error(f"cannot list s3://{bucket}/{prefix}", exc) from exc
         contents = page.get("Contents", [])
         last = contents[-1]["Key"] if contents else after
-        kept: list[dict[str, Any]] = [
-            dict(obj) for obj in contents if not suffix or obj["Key"].endswith(suffix)
+        kept = [
+            Entry(f"s3://{bucket}/{obj['Key']}", obj.get("Size", 0), _etag(obj))
+            for obj in contents
+            if not suffix or obj["Key"].endswith(suffix)
         ]
         return kept, last, bool(page.get("IsTruncated")), len(contents)
 
-    def _file(self, run: dict[str, Any], bucket: str, obj: Any) -> dict[str, Any]:
-        location = f"s3://{bucket}/{obj['Key']}"
+    def _file(self, run: dict[str, Any], entry: Entry) -> dict[str, Any]:
         return {
-            "fileId": file_id(run["datasetName"], run["businessDate"], location),
+            "fileId": file_id(run["datasetName"], run["businessDate"], entry.location),
             "runId": run["runId"],
             "datasetName": run["datasetName"],
             "businessDate": run["businessDate"],
             "environment": run["environment"],
-            "location": location,
+            "location": entry.location,
             "status": FileStatus.PENDING.value,
             "lastUpdated": now_iso(),
-            "fileSize": obj.get("Size", 0),
-            "checksum": str(obj.get("ETag", "")).strip('"'),
+            "fileSize": entry.size if entry.size is not None else 0,
+            "checksum": entry.checksum,
         }
+
+    @staticmethod
+    def _body(
+        run: dict[str, Any], dataset: DatasetIn, doc: dict[str, Any], entry: Entry
+    ) -> dict[str, Any]:
+        """The loader message of one file: an S3 object, or a URL to fetch first."""
+        body: dict[str, Any] = {"run_id": doc["runId"], "file_id": doc["fileId"]}
+        if entry.location.startswith("s3://"):
+            body["bucket"], body["key"] = split_s3_uri(entry.location)
+        else:
+            body.update(url=entry.location, dataset=run["datasetName"],
+                        business_date=run["businessDate"])  # fmt: skip
+            if dataset.secret:
+                body["secret"] = dataset.secret
+        if entry.expect:
+            body["expect"] = entry.expect
+        return body
 
     async def _register(self, run_id: str, files: list[dict[str, Any]]) -> None:
         """Register ``files`` as this run's, but none that is this run's already (the
@@ -211,12 +269,11 @@ class Dispatcher:
         for start in range(0, len(new), 25):
             await self._store.batch_put(table, new[start : start + 25])
 
-    async def _send(self, files: list[dict[str, Any]]) -> None:
-        entries: list[Any] = []
-        for index, doc in enumerate(files):
-            bucket, key = split_s3_uri(doc["location"])
-            body = {"bucket": bucket, "key": key, "run_id": doc["runId"], "file_id": doc["fileId"]}
-            entries.append({"Id": str(index), "MessageBody": orjson.dumps(body).decode()})
+    async def _send(self, bodies: list[dict[str, Any]]) -> None:
+        entries: list[Any] = [
+            {"Id": str(index), "MessageBody": orjson.dumps(body).decode()}
+            for index, body in enumerate(bodies)
+        ]
         for attempt in range(1, UNPROCESSED.attempts + 1):
             try:
                 response = await self._sqs.send_message_batch(
@@ -231,6 +288,10 @@ class Dispatcher:
             if attempt < UNPROCESSED.attempts:
                 await asyncio.sleep(UNPROCESSED.delay(attempt))
         raise TransientAwsError(f"{len(entries)} loader messages not sent after retries")
+
+
+def _etag(obj: Any) -> str:
+    return str(obj.get("ETag", "")).strip('"')
 
 
 def _loop_time(deadline: float) -> float:

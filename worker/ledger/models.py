@@ -14,9 +14,18 @@ import string
 from datetime import date
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 DatasetName = Annotated[
     str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")
@@ -112,11 +121,36 @@ def _check_json(value: Any) -> None:
             raise ValueError("holds an integer of more than 38 digits")
 
 
-class DatasetIn(_Strict):
-    """``PUT /datasets/{name}``: where the dataset's files live."""
+def _check_url_template(value: str, schemes: tuple[str, ...]) -> str:
+    """A URL template: one of ``schemes``, plain fields only, no credentials in it."""
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL template")
+    if "@" in parts.netloc:
+        raise ValueError("carries credentials: name a secret in the dataset instead")
+    if parts.scheme == "s3":
+        _check_bucket(parts.netloc)
+    _check_template(value)
+    return value
 
-    location: Annotated[str, StringConstraints(min_length=6, max_length=1024)]
+
+URL = Annotated[str, StringConstraints(min_length=8, max_length=2048)]
+SecretName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9/_+=.@\-]{1,512}$")]
+HTTP = ("https", "http")
+MAX_DATASET_FILES = 1000
+
+
+class DatasetIn(_Strict):
+    """``PUT /datasets/{name}``: where the dataset's files live, exactly one of:
+    ``location`` (an S3 prefix template), ``files`` (URL templates) or
+    ``manifest`` (the URL template of a manifest listing the files). ``secret``:
+    the Secrets Manager name of the credentials for an HTTP(S) source."""
+
+    location: Annotated[str, StringConstraints(min_length=6, max_length=1024)] | None = None
+    files: Annotated[list[URL], Field(min_length=1, max_length=MAX_DATASET_FILES)] | None = None
+    manifest: URL | None = None
     suffix: Annotated[str, StringConstraints(max_length=256)] | None = None
+    secret: SecretName | None = None
 
     @field_validator("location")
     @classmethod
@@ -128,14 +162,79 @@ class DatasetIn(_Strict):
         _check_template(value)
         return value
 
+    @field_validator("files")
+    @classmethod
+    def _url_templates(cls, value: list[str]) -> list[str]:
+        return [_check_url_template(url, HTTP) for url in value]
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest_template(cls, value: str) -> str:
+        return _check_url_template(value, (*HTTP, "s3"))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetIn:
+        given = [n for n in ("location", "files", "manifest") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of location, files, manifest"
+                + (f" (given: {', '.join(given)})" if given else "")
+            )
+        if self.suffix is not None and self.location is None:
+            raise ValueError("suffix filters an S3 location's keys: give it with location only")
+        return self
+
     @property
-    def bucket(self) -> str:
-        return split_s3_uri(self.location)[0]
+    def buckets(self) -> list[str]:
+        """The S3 buckets the dataset names (its location's, its manifest's)."""
+        uri = self.location or self.manifest or ""
+        return [split_s3_uri(uri)[0]] if uri.startswith("s3://") else []
 
     def prefix_for(self, dataset_name: str, business_date: str) -> tuple[str, str]:
         """The bucket and key prefix of one business date's files."""
+        assert self.location is not None
         uri = self.location.format(datasetName=dataset_name, businessDate=business_date)
         return split_s3_uri(uri)
+
+    def urls_for(self, dataset_name: str, business_date: str) -> list[str]:
+        """The ``files`` of one business date, sorted, each once."""
+        fields = {"datasetName": dataset_name, "businessDate": business_date}
+        return sorted({url.format(**fields) for url in self.files or ()})
+
+    def manifest_for(self, dataset_name: str, business_date: str) -> str:
+        assert self.manifest is not None
+        return self.manifest.format(datasetName=dataset_name, businessDate=business_date)
+
+
+class ManifestFile(BaseModel):
+    """One file of a manifest: its URL (relative to the manifest's), and what the
+    vendor says it is."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    size: Annotated[int, Field(ge=0)] | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    md5: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{32}$")] | None = None
+
+    @field_validator("sha256", "md5")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return value.lower() if value else value
+
+
+MAX_MANIFEST_FILES = 100_000
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    files: Annotated[list[ManifestFile], Field(max_length=MAX_MANIFEST_FILES)]
+
+
+_URLS = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=2048)]],
+    Field(max_length=MAX_MANIFEST_FILES),
+]
+MANIFESTS: TypeAdapter[Manifest | list[str]] = TypeAdapter(Manifest | _URLS)
 
 
 class RunIn(_Strict):

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from structlog.contextvars import bound_contextvars
 
-from worker.core.errors import Conflict, InvalidRequest, NotFound, Unprocessable
+from worker.core.config import AcquireSettings
+from worker.core.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    SourceNotAllowed,
+    Unprocessable,
+)
+from worker.core.fetch import Fetcher
 from worker.core.log import get_logger
 from worker.ledger.dispatch import Dispatcher
 from worker.ledger.models import (
@@ -62,23 +70,41 @@ class Ledger:
     """The ledger's operations, shared by the HTTP API, the CLI and the sweep."""
 
     def __init__(
-        self, store: Store, s3: S3Client, sqs: SQSClient, *, source_buckets: tuple[str, ...] = ()
+        self,
+        store: Store,
+        s3: S3Client,
+        sqs: SQSClient,
+        *,
+        source_buckets: tuple[str, ...] = (),
+        fetcher: Fetcher | None = None,
     ) -> None:
         self.store = store
         self.sqs = sqs
         self._settings = store.settings
         self._source_buckets = source_buckets
-        self._dispatcher = Dispatcher(store, s3, sqs)
+        self._fetcher = fetcher or Fetcher(AcquireSettings())  # none: no HTTP(S) source
+        self._dispatcher = Dispatcher(store, s3, sqs, self._fetcher)
 
     # --- datasets ---------------------------------------------------------------------
 
     def _check_source(self, dataset: DatasetIn) -> None:
+        """A dataset the workers could not read is refused when it is stored (and
+        again when a run is submitted, for one stored before the rules changed)."""
         allowed = self._source_buckets
-        if allowed and "*" not in allowed and dataset.bucket not in allowed:
-            raise InvalidRequest(
-                f"bucket {dataset.bucket!r} is not one the loader may read (SOURCE_BUCKETS)",
-                field="location",
-            )
+        for bucket in dataset.buckets:
+            if allowed and "*" not in allowed and bucket not in allowed:
+                raise InvalidRequest(
+                    f"bucket {bucket!r} is not one the loader may read (SOURCE_BUCKETS)",
+                    field="location" if dataset.location else "manifest",
+                )
+        example = {"datasetName": "dataset", "businessDate": "2000-01-01"}
+        for template in [*(dataset.files or ()), dataset.manifest or ""]:
+            if template.startswith(("https://", "http://")):
+                try:
+                    self._fetcher.check(template.format(**example))
+                except SourceNotAllowed as exc:
+                    field = "files" if dataset.files else "manifest"
+                    raise InvalidRequest(exc.message, field=field) from None
 
     async def put_dataset(self, name: str, dataset: DatasetIn) -> dict[str, Any]:
         """Create or replace a dataset; a name the model refuses is a ValidationError."""
@@ -92,7 +118,9 @@ class Ledger:
         doc = await self.store.get(self._settings.dataset_table, "datasetName", name)
         if doc is None:
             raise NotFound(f"no dataset {name!r}", dataset=name)
-        return DatasetIn(location=doc["location"], suffix=doc.get("suffix"))
+        return DatasetIn.model_validate(
+            {k: v for k, v in doc.items() if k in DatasetIn.model_fields}
+        )
 
     # --- runs -------------------------------------------------------------------------
 

@@ -18,7 +18,13 @@ from worker.core.log import get_logger
 from worker.core.tracking import LoadedFile, TrackedFile
 from worker.ledger.models import OPEN_FILE, OPEN_RUN, FileStatus
 from worker.ledger.store import Store
-from worker.ledger.transitions import complete_if_done, end_file, file_fetched, note_file_error
+from worker.ledger.transitions import (
+    complete_if_done,
+    end_file,
+    file_fetched,
+    file_verified,
+    note_file_error,
+)
 
 log = get_logger(__name__)
 
@@ -48,6 +54,10 @@ class LedgerTracker:
         with bound_contextvars(run_id=file.run_id, file_id=file.file_id):
             await file_fetched(self._store, file.run_id, file.file_id)
 
+    async def verified(self, file: TrackedFile, size: int, checksum: str) -> None:
+        with bound_contextvars(run_id=file.run_id, file_id=file.file_id):
+            await file_verified(self._store, file.run_id, file.file_id, size, checksum)
+
     async def finished(self, file: TrackedFile, loaded: LoadedFile) -> None:
         fields = {
             "rowsWritten": loaded.rows_written,
@@ -57,7 +67,7 @@ class LedgerTracker:
         await self._end(file, FileStatus.PREPROCESSED, fields)
 
     async def failed(self, file: TrackedFile, error: WorkerError, *, final: bool) -> None:
-        detail = {"reason": error.reason, "message": error.message[:1000]}
+        detail = {"reason": error.reason, "message": error.message[:1000], **_named(error)}
         if final:
             await self._end(file, FileStatus.FAILED, {"error": detail})
             return
@@ -69,3 +79,12 @@ class LedgerTracker:
         with bound_contextvars(run_id=file.run_id, file_id=file.file_id):
             await end_file(self._store, file.run_id, file.file_id, status, fields)
             await complete_if_done(self._store, file.run_id)
+
+
+def _named(error: WorkerError) -> dict[str, object]:
+    """The values an error names (a mismatch's expected and actual, an HTTP status)."""
+    return {
+        k: v[:300] if isinstance(v, str) else v
+        for k, v in error.context.items()
+        if isinstance(v, str | int) and not isinstance(v, bool) and k not in ("reason", "message")
+    }

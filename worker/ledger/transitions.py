@@ -5,7 +5,7 @@ states it may come from: the ledger's one state machine.
 run:  pending --seal--> dispatched --first fetch--> processing --last file--> success | failed
       pending --no files / permanent dispatch failure--> failed
       any open --cancel / supersede--> cancelled;  any open --sweep: expired--> failed
-file: pending --> fetched --> preprocessed | failed   (failed from any open status)
+file: pending --> fetched --> verified --> preprocessed | failed   (failed from any open status)
 ```
 
 1. **One open run per dataset and date.** A lock item in the RunTable
@@ -215,7 +215,8 @@ async def file_fetched(store: Store, run_id: str, file_id: str) -> None:
     """The file was downloaded: ``fetched``; its run, if only dispatched, ``processing``."""
     now = now_iso()
     await store.update(
-        store.settings.file_table, {"fileId": file_id}, "SET #s = :fetched, lastUpdated = :now",
+        store.settings.file_table, {"fileId": file_id},
+        "SET #s = :fetched, lastUpdated = :now, fetchedAt = :now",
         {":fetched": FileStatus.FETCHED.value, ":now": now, ":run": run_id,
          ":pending": FileStatus.PENDING.value},
         condition="#s = :pending AND runId = :run",
@@ -228,6 +229,19 @@ async def file_fetched(store: Store, run_id: str, file_id: str) -> None:
     )  # fmt: skip
     if started is not None:
         log.info("ledger_run_processing")
+
+
+async def file_verified(store: Store, run_id: str, file_id: str, size: int, checksum: str) -> None:
+    """The file is what it should be: ``verified``, with its size and checksum."""
+    await store.update(
+        store.settings.file_table, {"fileId": file_id},
+        "SET #s = :verified, fileSize = :size, checksum = :sum, lastUpdated = :now,"
+        " verifiedAt = :now",
+        {":verified": FileStatus.VERIFIED.value, ":size": size, ":sum": checksum,
+         ":now": now_iso(), ":run": run_id, ":pending": FileStatus.PENDING.value,
+         ":fetched": FileStatus.FETCHED.value},
+        condition="#s IN (:pending, :fetched) AND runId = :run",
+    )  # fmt: skip
 
 
 async def note_file_error(store: Store, run_id: str, file_id: str, error: dict[str, Any]) -> None:

@@ -1,8 +1,12 @@
 """SQS message body -> the S3 objects it names (ARCHITECTURE.md, "Message formats").
 
 Accepted bodies:
-1. ``{"bucket": ..., "key": ..., "version_id": ...?, "run_id": ...?, "file_id": ...?}``
-   (a ledger run's message carries its run and file)
+1. ``{"bucket": ..., "key": ..., "version_id": ...?, "run_id": ...?, "file_id": ...?,
+   "expect": {"size", "sha256", "md5"}?}`` (a ledger run's message carries its run and
+   file, and what its manifest says the file is)
+1b. ``{"url": "https://...", "run_id", "file_id", "dataset", "business_date",
+   "secret": ...?, "expect": ...?}``: a run's HTTP(S) file, fetched into the landing
+   bucket first (``loader.landing``)
 2. an S3 event notification (``Records[].s3``); keys are URL-decoded with
    ``unquote_plus``; ``s3:TestEvent`` names nothing and is acknowledged
 3. an SNS envelope (``Type: Notification``) whose ``Message`` is 1 or 2
@@ -11,26 +15,45 @@ Accepted bodies:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
 
 from worker.core.errors import MalformedMessage
+from worker.core.fetch import shown
 from worker.core.tracking import TrackedFile
+from worker.loader.landing import landing_key
+from worker.loader.verify import Expected
+
+_DATASET = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_FILE_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+MAX_URL = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """An HTTP(S) file of a run: fetched into the landing bucket, then loaded from there."""
+
+    url: str
+    secret: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectRef:
-    bucket: str
+    bucket: str  # "" for a remote file until the loader names its landing bucket
     key: str
     version_id: str | None = None
     tracked: TrackedFile | None = None  # the ledger's run and file, when a run sent it
+    expected: Expected = field(default_factory=Expected)
+    remote: Remote | None = None
 
     @property
     def uri(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
+        return shown(self.remote.url) if self.remote else f"s3://{self.bucket}/{self.key}"
 
 
 def parse_body(body: Any, *, max_objects: int = 100) -> list[ObjectRef]:
@@ -69,8 +92,10 @@ def _refs(doc: Any, *, depth: int) -> list[ObjectRef]:
         return [_eventbridge(doc["detail"])]
     if "bucket" in doc or "key" in doc:
         return [_plain(doc)]
+    if "url" in doc:
+        return [_remote(doc)]
     raise MalformedMessage(
-        "body is none of: {bucket,key}, S3 notification, SNS envelope, EventBridge event"
+        "body is none of: {bucket,key}, {url,...}, S3 notification, SNS envelope, EventBridge event"
     )
 
 
@@ -98,17 +123,46 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _plain(doc: dict[str, Any]) -> ObjectRef:
+def _tracked(doc: dict[str, Any]) -> TrackedFile | None:
     run_id = _optional_text(doc.get("run_id"), "run_id")
     file_id = _optional_text(doc.get("file_id"), "file_id")
     if (run_id is None) != (file_id is None):
         raise MalformedMessage("run_id and file_id come together or not at all")
+    return None if run_id is None or file_id is None else TrackedFile(run_id, file_id)
+
+
+def _plain(doc: dict[str, Any]) -> ObjectRef:
     return ObjectRef(
         _text(doc.get("bucket"), "bucket"),
         _text(doc.get("key"), "key"),
         _optional_text(doc.get("version_id"), "version_id"),
-        None if run_id is None or file_id is None else TrackedFile(run_id, file_id),
+        _tracked(doc),
+        Expected.from_doc(doc.get("expect")),
     )
+
+
+def _matching(doc: dict[str, Any], name: str, pattern: re.Pattern[str]) -> str:
+    value = _text(doc.get(name), name)
+    if not pattern.fullmatch(value):
+        raise MalformedMessage(f"{name} {value[:80]!r} is not of the form {pattern.pattern}")
+    return value
+
+
+def _remote(doc: dict[str, Any]) -> ObjectRef:
+    """A run's HTTP(S) file: its landing key is made of its dataset, date and file."""
+    url = _text(doc.get("url"), "url")
+    if not url.startswith(("https://", "http://")) or len(url) > MAX_URL:
+        raise MalformedMessage(f"url is not an http(s) URL of at most {MAX_URL} characters")
+    tracked = _tracked(doc)
+    if tracked is None:
+        raise MalformedMessage("a url message is a run's: run_id and file_id are missing")
+    _matching(doc, "file_id", _FILE_ID)
+    key = landing_key(
+        _matching(doc, "dataset", _DATASET), _matching(doc, "business_date", _DATE),
+        tracked.file_id, url,
+    )  # fmt: skip
+    remote = Remote(url, _optional_text(doc.get("secret"), "secret"))
+    return ObjectRef("", key, None, tracked, Expected.from_doc(doc.get("expect")), remote)
 
 
 def _s3_notification(records: Any) -> list[ObjectRef]:

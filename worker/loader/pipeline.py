@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,8 @@ from worker.core.aws import Clients, is_loopback
 from worker.core.config import Settings
 from worker.core.errors import (
     ConfigError,
-    CorruptObject,
     InvalidTable,
     ObjectTooLarge,
-    ObjectUnavailable,
-    SourceNotAllowed,
     WorkerError,
 )
 from worker.core.log import elapsed_ms, get_logger
@@ -43,13 +39,13 @@ from worker.loader.encode import FusedBuilder
 from worker.loader.extract import Extractor, Rows, Slice, Tables, WholeFile
 from worker.loader.items import Conversion, ConversionStats, ItemBuilder, Origin
 from worker.loader.messages import ObjectRef
-from worker.loader.s3_reader import Data, Limits, gunzip_if_needed, read_object
+from worker.loader.s3_reader import Data, Limits
+from worker.loader.sources import Fetched, Sources
 from worker.loader.tables import TableRegistry, table_name
 from worker.loader.writer import BatchWriter, WriteStats
 
 log = get_logger(__name__)
 SLICES_AT_ONCE = 3  # slices converted or being dispatched, across the file's tables
-Fetched = tuple[Origin, Data, int, int]  # origin (the id seed), bytes, stored size, reserved
 
 
 @dataclass(slots=True)
@@ -133,6 +129,7 @@ class Loader:
         self._limits = Limits(settings.max_object_bytes, cap, cap_advice(settings))
         self.budget = ByteBudget(budget_bytes(settings, streamed=streamed))
         self.tracker = tracker
+        self.sources = Sources(settings, clients, self._limits, self.budget, tracker)
 
     async def load(self, ref: ObjectRef, *, last_attempt: bool = False) -> ObjectSummary:
         """Load one S3 object; report it to the tracker when a ledger run sent it
@@ -140,7 +137,7 @@ class Loader:
         tracked = ref.tracked if self.tracker is not None else None
         if tracked is None:
             with bound_contextvars(bucket=ref.bucket, key=ref.key):
-                return await self._load(ref.uri, lambda: self._fetch_s3(ref, None))
+                return await self._load(ref.uri, lambda: self.sources.s3(ref, None))
         with bound_contextvars(
             bucket=ref.bucket, key=ref.key, run_id=tracked.run_id, file_id=tracked.file_id
         ):
@@ -155,7 +152,11 @@ class Loader:
                 return ObjectSummary(uri=ref.uri)  # the tracker logged why
         except WorkerError as exc:
             return ObjectSummary(uri=ref.uri, error=exc)
-        summary = await self._load(ref.uri, lambda: self._fetch_s3(ref, tracked))
+        remote = ref.remote is not None
+        summary = await self._load(
+            ref.uri,
+            lambda: self.sources.remote(ref, tracked) if remote else self.sources.s3(ref, tracked),
+        )
         try:
             if summary.error is None:
                 loaded = LoadedFile(summary.rows_written, summary.size, summary.checksum)
@@ -168,26 +169,26 @@ class Loader:
             summary.error = summary.error or exc
         return summary
 
-    def _check_source(self, ref: ObjectRef) -> None:
-        allowed = self.settings.source_buckets
-        if allowed and "*" not in allowed and ref.bucket not in allowed:
-            raise SourceNotAllowed(f"bucket {ref.bucket!r} is not in SOURCE_BUCKETS")
-
     async def load_file(self, path: Path) -> ObjectSummary:
         """Load one local file through the same pipeline (``worker load FILE``)."""
         with bound_contextvars(file=str(path)):
-            return await self._load(str(path), lambda: self._fetch_file(path))
+            return await self._load(str(path), lambda: self.sources.file(path))
 
     async def _load(self, uri: str, fetch: Callable[[], Awaitable[Fetched]]) -> ObjectSummary:
         summary = ObjectSummary(uri=uri)
         start = time.perf_counter()
         reserved = 0
         try:
-            source, data, summary.size, reserved = await fetch()
-            summary.checksum = source.revision
+            fetched = await fetch()
+            reserved, summary.size, summary.checksum = (
+                fetched.reserved,
+                fetched.size,
+                fetched.checksum,
+            )
+            data, fetched.data = fetched.data, b""
             tables = await asyncio.to_thread(self._extract, data, time.perf_counter())
             del data  # the stream holds the bytes as long as it needs them
-            await self.write_stream(source, tables, summary)
+            await self.write_stream(fetched.origin, tables, summary)
         except WorkerError as exc:
             summary.error = exc
         finally:
@@ -195,38 +196,6 @@ class Loader:
         summary.ms = elapsed_ms(start)
         self._log_summary(summary)
         return summary
-
-    async def _fetch_s3(self, ref: ObjectRef, tracked: TrackedFile | None) -> Fetched:
-        self._check_source(ref)
-        start = time.perf_counter()
-        obj = await read_object(self.clients.s3, ref, self._limits, self.budget)
-        if tracked is not None and self.tracker is not None:
-            await self.tracker.fetched(tracked)
-        log.info(
-            "object_downloaded",
-            bytes=obj.stored_bytes,
-            decoded_bytes=len(obj.data),
-            gzipped=obj.gzipped,
-            ms=elapsed_ms(start),
-        )
-        return (
-            Origin(ref.bucket, ref.key, obj.revision, ""),
-            obj.data,
-            obj.stored_bytes,
-            obj.reserved,
-        )
-
-    async def _fetch_file(self, path: Path) -> Fetched:
-        try:
-            raw, absolute = await asyncio.to_thread(_read_file, path)
-        except OSError as exc:
-            raise ObjectUnavailable(f"cannot read {path}: {exc.strerror}") from None
-        if not raw:
-            raise CorruptObject("file is empty")
-        data, _ = gunzip_if_needed(raw, self._limits)
-        revision = hashlib.sha256(raw).hexdigest()[:32]
-        await self.budget.reserve(len(data))
-        return Origin("file", absolute, revision, ""), data, len(raw), len(data)
 
     def _extract(self, data: Data, start: float) -> Tables:
         tables = self.extractor.stream(
@@ -376,10 +345,6 @@ def _require_ownership_settings(settings: Settings, clients: Clients) -> None:
             "SOURCE_BUCKETS must list the buckets to load from ('*' for any)",
             variable="SOURCE_BUCKETS",
         )
-
-
-def _read_file(path: Path) -> tuple[bytes, str]:
-    return path.read_bytes(), str(path.absolute())
 
 
 class _Turn:

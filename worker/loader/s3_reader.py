@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
     from worker.loader.budget import ByteBudget
+    from worker.loader.verify import Digests
 
 CHUNK = 1024 * 1024
 _STEP = 8 * CHUNK  # gunzipped bytes produced per step
@@ -61,11 +62,16 @@ class Limits:
 
 
 async def read_object(
-    s3: S3Client, ref: ObjectRef, limits: Limits, budget: ByteBudget | None = None
+    s3: S3Client,
+    ref: ObjectRef,
+    limits: Limits,
+    budget: ByteBudget | None = None,
+    digests: Digests | None = None,
 ) -> S3Object:
     """Download ``ref`` whole, gunzipping when needed, within ``limits``; with a
     ``budget``, reserve the object's bytes there (``S3Object.reserved``: the
-    caller releases them; on an error they are released here)."""
+    caller releases them; on an error they are released here); with ``digests``,
+    hash the bytes as stored while they stream past."""
     params = {"Bucket": ref.bucket, "Key": ref.key}
     if ref.version_id:
         params["VersionId"] = ref.version_id
@@ -80,7 +86,7 @@ async def read_object(
             )
         body = response["Body"]
         try:
-            data, gzipped, reserved = await _drain_within(body, length, limits, budget)
+            data, gzipped, reserved = await _drain_within(body, length, limits, budget, digests)
         finally:
             body.close()
     except AWS_FAILURES as exc:
@@ -108,7 +114,7 @@ def _read_failure(exc: BaseException) -> WorkerError:
 
 
 async def _drain_within(
-    body: object, length: int, limits: Limits, budget: ByteBudget | None
+    body: object, length: int, limits: Limits, budget: ByteBudget | None, digests: Digests | None
 ) -> tuple[Data, bool, int]:
     """``_drain``, holding the object's bytes in ``budget``: its stored size before
     the body is read, its decoded size once whole; all given back on an error."""
@@ -117,7 +123,7 @@ async def _drain_within(
         if budget is not None:
             await budget.reserve(length)
             reserved = length
-        data, gzipped = await _drain(body, limits)
+        data, gzipped = await _drain(body, limits, digests)
         if budget is not None and len(data) > reserved:
             budget.grow(len(data) - reserved)
             reserved = len(data)
@@ -128,7 +134,7 @@ async def _drain_within(
     return data, gzipped, reserved
 
 
-async def _drain(body: object, limits: Limits) -> tuple[Data, bool]:
+async def _drain(body: object, limits: Limits, digests: Digests | None) -> tuple[Data, bool]:
     read = body.read  # type: ignore[attr-defined]
     first: bytes = await read(CHUNK)
     gunzip = _Gunzip(limits) if first[:2] == GZIP_MAGIC else None
@@ -137,6 +143,8 @@ async def _drain(body: object, limits: Limits) -> tuple[Data, bool]:
     chunk = first
     while chunk:
         received += len(chunk)
+        if digests is not None:
+            digests.update(chunk)
         if received > limits.max_object_bytes:
             raise ObjectTooLarge(
                 f"stream passed MAX_OBJECT_BYTES={limits.max_object_bytes}", size=received
