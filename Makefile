@@ -58,6 +58,7 @@ bench: install
 	$(COMPILE) worker lambda_entry.py benchmarks  # measured as the image runs: compiled
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.encode
+	$(BIN)/python -m benchmarks.fleet  # many writers, one table: WRITE_PACE=adaptive, 1-1,000
 
 clean:
 	rm -rf $(VENV) $(TOOLS) node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -23,6 +23,7 @@ from tests.conftest import BUCKET, events, scan
 from tests.fault_proxy import FaultProxy
 from tests.processes import WorkerProcess
 from worker.core.aws import Clients
+from worker.core.backoff import Backoff
 from worker.core.config import PollSettings, Settings, WriteSettings
 from worker.loader.pipeline import Loader
 from worker.loader.poller import Poller, PollStats, check_health
@@ -438,3 +439,28 @@ async def test_a_failed_message_moves_the_metric_the_alarm_watches_on_either_rou
         await run_until(poller, lambda: emitted(logs, name, dimensions) >= 1, within_s=20)
     assert emitted(logs, name, dimensions) == 1
     assert emitted(logs, "FailedFiles", dimensions) == 1
+
+
+async def test_the_summary_shows_each_tables_throttles_and_the_rate_it_is_paced_at(
+    proxy: FaultProxy, poller_for: PollerFactory, sqs: Any, s3: Any, logs: list[dict[str, Any]]
+) -> None:
+    proxy.throttle_fraction, proxy.latency_s = 0.5, 0.01
+    queues = make_queues(sqs, visibility=30)
+    put_file(s3, "busy.pb", rows=2000)
+    send(sqs, queues.url, f.plain_body(BUCKET, "busy.pb"))
+    poll = PollSettings(wait_s=1, summary_interval_s=0.3, health_file="/tmp/unused-hb",
+                        shutdown_grace_s=1)  # fmt: skip
+    paced = WriteSettings(pace="adaptive", backoff=Backoff(base_s=0.01, cap_s=0.05, attempts=20))
+    poller = poller_for(queues.url, poll=poll, write=paced)
+
+    def shown() -> list[dict[str, Any]]:
+        return [e for e in events(logs, "poller_summary") if e["paces"]]
+
+    await run_until(poller, lambda: len(shown()) >= 2, within_s=30)
+    last = shown()[-1]
+    (table,) = last["table_throttles"]
+    assert last["table_throttles"][table] > 0 and last["paces"][table] > 0
+    per_table = [m for m in events(logs, "metrics") if m.get("Table") == table]
+    assert 0 < sum(m["Throttles"] for m in per_table) <= poller._loader.writer.throttles
+    assert all(m["PaceRate"] > 0 for m in per_table if "PaceRate" in m)
+    assert any("PaceRate" in m for m in per_table)

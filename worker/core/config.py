@@ -22,6 +22,7 @@ from worker.core.errors import ConfigError
 
 NanPolicy = Literal["null", "string", "drop"]
 WritePath = Literal["fast", "sdk"]
+WritePace = Literal["window", "adaptive"]
 StreamFormat = Literal["ndjson", "parquet"]
 LogFormat = Literal["auto", "json", "console"]
 
@@ -112,6 +113,7 @@ class WriteSettings:
     """How the batch writer paces itself (ARCHITECTURE.md, "Writing")."""
 
     path: WritePath = "fast"
+    pace: WritePace = "window"  # adaptive: a send rate per table, set by its throttles
     max_in_flight: int = 32
     backoff: Backoff = WRITE_BACKOFF
 
@@ -365,6 +367,7 @@ def _write(env: Mapping[str, str]) -> WriteSettings:
     d = WriteSettings()
     return WriteSettings(
         path=cast(WritePath, _choice(env, "DDB_WRITE_PATH", d.path, get_args(WritePath))),
+        pace=cast(WritePace, _choice(env, "WRITE_PACE", d.pace, get_args(WritePace))),
         max_in_flight=_int(env, "MAX_IN_FLIGHT", d.max_in_flight, maximum=1024),
         backoff=_backoff(env, "WRITE", d.backoff, attempts_name="MAX_WRITE_ATTEMPTS"),
     )

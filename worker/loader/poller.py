@@ -42,7 +42,7 @@ from botocore.exceptions import ClientError
 from worker.core.aws import AWS_FAILURES, error_code
 from worker.core.config import PollSettings
 from worker.core.errors import ConfigError, TransientAwsError
-from worker.core.log import get_logger
+from worker.core.log import emit_metrics, get_logger
 from worker.loader.batch import LoadMetrics, MessageOutcome, handle_message, receive_count
 from worker.loader.pipeline import Loader
 
@@ -82,6 +82,7 @@ class Poller:
         self._max_receives = loader.settings.ledger.max_receives
         self.stats = PollStats()
         self._metrics = LoadMetrics()
+        self._throttles_seen: dict[str, int] = {}  # per table, at the last summary
 
     @property
     def rows_written(self) -> int:
@@ -325,6 +326,19 @@ class Poller:
             )
             metrics, self._metrics = self._metrics, LoadMetrics()
             metrics.emit(InFlight=len(self._tasks), Window=self._loader.writer.window.limit)
+            self._emit_contention()
+
+    def _emit_contention(self) -> None:
+        """Per table that throttled: its throttles since the last summary and, with
+        WRITE_PACE=adaptive, the rate this process sends at (requests a second)."""
+        writer = self._loader.writer
+        for table, count in writer.table_throttles.items():
+            values = {"Throttles": float(count - self._throttles_seen.get(table, 0))}
+            pace = writer.paces.get(table)
+            if pace is not None and pace.rate is not None:
+                values["PaceRate"] = round(pace.rate, 2)
+            emit_metrics({"Service": "loader", "Table": table}, **values)
+        self._throttles_seen = dict(writer.table_throttles)
 
     def _log_summary(self, event: str, **extra: Any) -> None:
         writer = self._loader.writer
@@ -340,6 +354,8 @@ class Poller:
             window=writer.window.limit,
             window_decreases=writer.window.decreases,
             throttles=writer.throttles,
+            table_throttles=dict(writer.table_throttles),
+            paces={t: round(p.rate, 2) for t, p in writer.paces.items() if p.rate is not None},
             **extra,
         )
 

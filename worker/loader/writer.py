@@ -16,6 +16,18 @@
   (one hot partition) are only resent, since shrinking the shared window for
   them would slow every other table. Every clean response grows the window by
   about one request per window's worth of successes.
+- With ``WRITE_PACE=adaptive`` a table that throttles also gets a send rate
+  (``Pace``): from its first throttle on, each request of the process to that
+  table takes the next send time of a rate that follows the throttles (CUBIC:
+  0.7x the measured rate on a throttle, then a cubic climb back past it),
+  botocore's adaptive retry mode, per table. The window alone cannot go below
+  one request per round trip, so many processes on one table keep sending far
+  more than it takes (``benchmarks.fleet``); a rate can (down to one request
+  every 20 s). Not the default: throttles that come whatever the rate
+  (a hot partition, the fault proxy's random ones) drive it down to its floor.
+- A chunk fails only after ``max_attempts`` attempts in a row that wrote
+  nothing: an attempt that writes some of its items starts the count again,
+  so a slow table, fairly shared, never exhausts a message that progresses.
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
+from botocore.retries.adaptive import RateClocker
+from botocore.retries.throttling import CubicCalculator
 
 from worker.core.aws import (
     ENVIRONMENT_FAILURES,
@@ -46,6 +60,7 @@ if TYPE_CHECKING:
     from worker.loader.ddb_http import BatchWriteClient
 
 BATCH_SIZE = 25
+PACE_SHARE = 0.2  # a response refusing this share of its items slows the table's pace
 
 
 class Window:
@@ -86,14 +101,24 @@ class Window:
         self._limit = min(float(self.maximum), self._limit + 1.0 / self._limit)
         self._wake()
 
-    def on_throttle(self, epoch: int) -> None:
-        """Halve the window, once per round trip: later echoes of it are ignored."""
+    def new_round(self, epoch: int) -> bool:
+        """Start a new round trip without halving (a signal for a table's pace):
+        whether ``epoch`` was the current one."""
         if epoch != self._epoch:
-            return
+            return False
+        self._epoch += 1
+        return True
+
+    def on_throttle(self, epoch: int) -> bool:
+        """Halve the window, once per round trip: later echoes of it are ignored.
+        Whether this throttle was the first of its round trip."""
+        if epoch != self._epoch:
+            return False
         self._epoch += 1
         self._limit = max(1.0, self._limit / 2)
         self.decreases += 1
         self.smallest = min(self.smallest, self.limit)
+        return True
 
     def _release(self) -> None:
         self._in_flight -= 1
@@ -128,6 +153,52 @@ class Slot:
             self.window._release()
 
 
+class _LoopClock:
+    """botocore's clock interface, on the event loop's clock."""
+
+    def current_time(self) -> float:
+        return asyncio.get_running_loop().time()
+
+
+class Pace:
+    """One table's send rate, set by its throttles, as botocore's adaptive retry
+    mode sets a client's (its CUBIC calculator and rate clock); off until the
+    first throttle. Each request takes the next send time, ``1 / rate`` after
+    the one before: no burst after a pause, and nothing to wake on a change."""
+
+    MIN_RATE = 0.05  # requests a second: a fleet's share can be below botocore's 0.5
+    SCALE = 2.0  # never above twice the rate measured (botocore's bound)
+
+    def __init__(self) -> None:
+        self._clock = _LoopClock()
+        self._clocker = RateClocker(self._clock)
+        self._cubic = CubicCalculator(starting_max_rate=0, start_time=self._clock.current_time())
+        self.rate: float | None = None  # requests a second; None: not engaged
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        """Wait for this request's send time."""
+        if self.rate is not None:
+            now = self._clock.current_time()
+            at = max(now, self._next)
+            self._next = at + 1.0 / self.rate
+            if at > now:
+                await asyncio.sleep(at - now)
+
+    def answered(self, *, throttled: bool) -> None:
+        """One response: the first throttle of its round trip, or not."""
+        measured = self._clocker.record()
+        now = self._clock.current_time()
+        if self.rate is None and not (throttled and measured):
+            return  # not engaged; a throttle before any rate is measured only halves the window
+        if throttled:
+            sent = measured if self.rate is None else min(measured, self.rate)
+            rate = self._cubic.error_received(sent, now)
+        else:
+            rate = self._cubic.success_received(now)
+        self.rate = max(self.MIN_RATE, min(rate, self.SCALE * measured))
+
+
 @dataclass(slots=True)
 class WriteStats:
     written: int = 0
@@ -156,6 +227,8 @@ class BatchWriter:
         self.window = window or Window(settings.max_in_flight)
         self.progress: Counter[str] = Counter()  # items written per table, for displays
         self.throttles = 0  # throttled requests and mostly-refused responses, in all
+        self.table_throttles: Counter[str] = Counter()  # the same, per table
+        self.paces: dict[str, Pace] = {}  # WRITE_PACE=adaptive: each table's rate
         self._sleep = sleep
         self._jitter = jitter
 
@@ -202,15 +275,21 @@ class BatchWriter:
         self, table: str, pending: Sequence[Encoded], slot: Slot, stats: WriteStats
     ) -> None:
         backoff = self._settings.backoff
+        pace = self._pace(table)
         try:
-            attempt = 0
+            attempt = 0  # attempts in a row that wrote nothing
             while True:
                 attempt += 1
                 stats.requests += 1
-                pending = await self._attempt(table, pending, slot, stats)
+                if pace is not None:
+                    await pace.wait()
+                before = len(pending)
+                pending = await self._attempt(table, pending, slot, stats, pace)
                 if not pending:
                     return
-                if not backoff.retries_left(attempt):
+                if len(pending) < before:
+                    attempt = 0
+                elif not backoff.retries_left(attempt):
                     break
                 stats.retries += 1
                 slot.release()  # no place in the window is held through a backoff sleep
@@ -219,13 +298,24 @@ class BatchWriter:
         finally:
             slot.release()
         raise WriteThrottled(
-            f"{len(pending)} items still unwritten after {backoff.attempts} attempts",
+            f"{len(pending)} items still unwritten after {backoff.attempts} attempts in a row "
+            "that wrote nothing",
             table=table,
             unwritten=len(pending),
         )
 
+    def _pace(self, table: str) -> Pace | None:
+        if self._settings.pace != "adaptive":
+            return None
+        return self.paces.get(table) or self.paces.setdefault(table, Pace())
+
     async def _attempt(
-        self, table: str, pending: Sequence[Encoded], slot: Slot, stats: WriteStats
+        self,
+        table: str,
+        pending: Sequence[Encoded],
+        slot: Slot,
+        stats: WriteStats,
+        pace: Pace | None,
     ) -> Sequence[Encoded]:
         """One BatchWriteItem; returns the items still to write."""
         request = {table: [{"PutRequest": {"Item": item}} for item in pending]}
@@ -235,8 +325,9 @@ class BatchWriter:
             code = error_code(exc)
             if code in THROTTLING_CODES:
                 stats.throttled_requests += 1
-                self.throttles += 1
-                self.window.on_throttle(slot.epoch)
+                fresh = self._throttled(table, slot)
+                if pace is not None:
+                    pace.answered(throttled=fresh)
                 return pending
             if is_server_error(exc):
                 stats.transient_errors += 1
@@ -254,12 +345,26 @@ class BatchWriter:
         self.progress[table] += len(pending) - len(left)
         if not left:
             self.window.on_success()
-            return []
         stats.unprocessed_items += len(left)
-        if 2 * len(left) >= len(pending):  # mostly refused: the table is at capacity
-            self.throttles += 1
-            self.window.on_throttle(slot.epoch)
+        self._refused(table, len(left), len(pending), slot, pace)
         return [request["PutRequest"]["Item"] for request in left]
+
+    def _refused(self, table: str, refused: int, sent: int, slot: Slot, pace: Pace | None) -> None:
+        """What a response's unprocessed items say: mostly refused, the table is at
+        capacity (the window halves); a fifth or more, the table's pace slows."""
+        fresh = False
+        if refused and 2 * refused >= sent:
+            fresh = self._throttled(table, slot)
+        elif pace is not None and refused and refused >= PACE_SHARE * sent:
+            fresh = self.window.new_round(slot.epoch)
+        if pace is not None:
+            pace.answered(throttled=fresh)
+
+    def _throttled(self, table: str, slot: Slot) -> bool:
+        """Count a throttle and halve the window: whether it was the round trip's first."""
+        self.throttles += 1
+        self.table_throttles[table] += 1
+        return self.window.on_throttle(slot.epoch)
 
 
 def _first_worker_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
