@@ -186,7 +186,8 @@ async def _process(writer: Writer, stop: float) -> None:
     while loop.time() < stop:
         while len(running) < MESSAGES_AT_ONCE:
             running.add(asyncio.ensure_future(message()))
-        _, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        left = stop - loop.time()
+        _, running = await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
     for task in running:
         task.cancel()
     await asyncio.gather(*running, return_exceptions=True)

@@ -155,3 +155,28 @@ def test_a_fifth_of_a_request_refused_engages_the_tables_pace(share: float, pace
 
     rate = on_virtual_time(main)
     assert (rate is not None) is paced
+
+
+def test_a_rate_that_recovers_is_used_by_requests_already_waiting() -> None:
+    """A burst of cuts must not book sends far ahead: waiting requests go at the
+    rate of the moment, looked at again every RECHECK_S."""
+
+    async def main() -> list[float]:
+        pace = Pace()
+        pace.rate = Pace.MIN_RATE  # one request every 20 s
+        loop = asyncio.get_running_loop()
+        sent: list[float] = []
+
+        async def request() -> None:
+            await pace.wait()
+            sent.append(loop.time())
+
+        waiting = [asyncio.ensure_future(request()) for _ in range(3)]
+        await asyncio.sleep(1.0)
+        pace.rate = 10.0  # recovered
+        await asyncio.gather(*waiting)
+        return sent
+
+    first, second, third = on_virtual_time(main)
+    assert first < 1e-6 and second <= 1.0 + Pace.RECHECK_S
+    assert third - second == pytest.approx(0.1)

@@ -18,7 +18,7 @@
   about one request per window's worth of successes.
 - With ``WRITE_PACE=adaptive`` a table that throttles also gets a send rate
   (``Pace``): from its first throttle on, each request of the process to that
-  table takes the next send time of a rate that follows the throttles (CUBIC:
+  table takes its turn at a rate that follows the throttles (CUBIC:
   0.7x the measured rate on a throttle, then a cubic climb back past it),
   botocore's adaptive retry mode, per table. The window alone cannot go below
   one request per round trip, so many processes on one table keep sending far
@@ -163,27 +163,34 @@ class _LoopClock:
 class Pace:
     """One table's send rate, set by its throttles, as botocore's adaptive retry
     mode sets a client's (its CUBIC calculator and rate clock); off until the
-    first throttle. Each request takes the next send time, ``1 / rate`` after
-    the one before: no burst after a pause, and nothing to wake on a change."""
+    first throttle. Requests take turns: each is sent ``1 / rate`` after the one
+    before, at the rate of the moment (a long wait looks again every
+    ``RECHECK_S``), so a rate cut in a burst of throttles never books sends far
+    ahead, and no burst follows a pause."""
 
     MIN_RATE = 0.05  # requests a second: a fleet's share can be below botocore's 0.5
     SCALE = 2.0  # never above twice the rate measured (botocore's bound)
+    RECHECK_S = 0.5
 
     def __init__(self) -> None:
         self._clock = _LoopClock()
         self._clocker = RateClocker(self._clock)
         self._cubic = CubicCalculator(starting_max_rate=0, start_time=self._clock.current_time())
         self.rate: float | None = None  # requests a second; None: not engaged
-        self._next = 0.0
+        self._last = float("-inf")  # when the last request was sent
+        self._turn = asyncio.Lock()
 
     async def wait(self) -> None:
-        """Wait for this request's send time."""
-        if self.rate is not None:
-            now = self._clock.current_time()
-            at = max(now, self._next)
-            self._next = at + 1.0 / self.rate
-            if at > now:
-                await asyncio.sleep(at - now)
+        """Wait for this request's turn and send time."""
+        if self.rate is None:
+            return
+        async with self._turn:
+            while self.rate is not None:
+                delay = self._last + 1.0 / self.rate - self._clock.current_time()
+                if delay <= 0:
+                    break
+                await asyncio.sleep(min(delay, self.RECHECK_S))
+            self._last = self._clock.current_time()
 
     def answered(self, *, throttled: bool) -> None:
         """One response: the first throttle of its round trip, or not."""
