@@ -180,3 +180,18 @@ def test_a_rate_that_recovers_is_used_by_requests_already_waiting() -> None:
     first, second, third = on_virtual_time(main)
     assert first < 1e-6 and second <= 1.0 + Pace.RECHECK_S
     assert third - second == pytest.approx(0.1)
+
+
+def test_the_pace_never_climbs_past_twice_the_rate_it_measures() -> None:
+    async def main() -> tuple[float | None, float]:
+        pace = Pace()
+        for _ in range(400):
+            await asyncio.sleep(0.0025)
+            pace.answered(throttled=False)
+        pace.answered(throttled=True)  # engaged
+        await asyncio.sleep(60)  # the cubic curve is far above by now
+        pace.answered(throttled=False)
+        return pace.rate, pace._clocker.measured_rate
+
+    rate, measured = on_virtual_time(main)
+    assert rate is not None and rate <= Pace.SCALE * measured + 1e-9

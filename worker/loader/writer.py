@@ -9,8 +9,8 @@
   of every file. A slot is taken *before* a chunk's task is created, so a large
   table never queues more than the window's worth of work.
 - UnprocessedItems, throttling exceptions, 5xx and connection errors resend
-  only what was not written, after exponential backoff with full jitter, up to
-  ``max_attempts`` in all. A throttling error, or a response that leaves at
+  only what was not written, after exponential backoff with full jitter (see
+  the last point for when a chunk gives up). A throttling error, or a response that leaves at
   least half its items unprocessed (DynamoDB's way of saying the table is at
   capacity), halves the window, once per round trip; a few unprocessed items
   (one hot partition) are only resent, since shrinking the shared window for
