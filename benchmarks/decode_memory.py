@@ -74,9 +74,10 @@ def measure(env: dict[str, str], scratch: Path, size: int) -> dict[str, float]:
 
 
 def allowed_mb(path_name: str, decoded_mb: float) -> float:
-    if path_name == "streamed":
-        return WORKING_SET / MiB + STREAMED_RATIO * decoded_mb
-    return WHOLE_FILE_RATIO * decoded_mb
+    """What the derived cap promises over the runtime (``budget._what_fits``: the
+    working set is reserved on both paths)."""
+    ratio = STREAMED_RATIO if path_name == "streamed" else WHOLE_FILE_RATIO
+    return WORKING_SET / MiB + ratio * decoded_mb
 
 
 def main() -> None:
