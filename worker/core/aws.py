@@ -34,7 +34,7 @@ from botocore import exceptions as botocore_errors
 from botocore.exceptions import ClientError, NoRegionError
 
 from worker.core.config import AwsSettings
-from worker.core.errors import ConfigError
+from worker.core.errors import ConfigError, TransientAwsError, WorkerError
 
 if TYPE_CHECKING:
     from types_aiobotocore_dynamodb import DynamoDBClient
@@ -200,6 +200,16 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
         return error_code(exc) in THROTTLING_CODES or is_server_error(exc)
     return isinstance(exc, TRANSIENT_EXCEPTIONS)
+
+
+def aws_error(
+    what: str, exc: BaseException, permanent: Callable[[str], WorkerError]
+) -> WorkerError:
+    """An AWS failure as the error it is: ``TransientAwsError`` when a retry may cure
+    it (``is_transient``), else the caller's ``permanent`` one; both name ``what``."""
+    cause = error_code(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}"
+    message = f"{what}: {cause}"[:1000]
+    return TransientAwsError(message) if is_transient(exc) else permanent(message)
 
 
 def is_server_error(exc: ClientError) -> bool:

@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import errno
+import functools
 import ipaddress
 import socket
 import ssl
@@ -45,9 +46,8 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import orjson
 from aiohttp.abc import AbstractResolver
-from botocore.exceptions import ClientError
 
-from worker.core.aws import ANY_AWS_FAILURE, error_code, is_transient
+from worker.core.aws import ANY_AWS_FAILURE, aws_error
 from worker.core.config import AcquireSettings
 from worker.core.errors import (
     AddressNotAllowed,
@@ -56,7 +56,6 @@ from worker.core.errors import (
     HostNotAllowed,
     ObjectTooLarge,
     SourceNotAllowed,
-    TransientAwsError,
     first_line,
 )
 from worker.core.log import get_logger
@@ -134,10 +133,8 @@ class Secrets:
         try:
             value = await (await self._client()).get_secret_value(SecretId=name)
         except ANY_AWS_FAILURE as exc:
-            code = error_code(exc) if isinstance(exc, ClientError) else type(exc).__name__
-            if is_transient(exc):
-                raise TransientAwsError(f"cannot read secret {name!r}: {code}") from None
-            raise FetchFailed(f"cannot read secret {name!r}: {code}", secret=name) from None
+            refused = functools.partial(FetchFailed, secret=name)
+            raise aws_error(f"cannot read secret {name!r}", exc, refused) from None
         header = _auth_header(name, value.get("SecretString", ""))
         self._cache[name] = (time.monotonic() + SECRET_TTL_S, header)
         return header

@@ -36,10 +36,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from botocore.exceptions import ClientError
 from structlog.contextvars import bound_contextvars
 
-from worker.core.aws import ANY_AWS_FAILURE, error_code, is_transient
+from worker.core.aws import ANY_AWS_FAILURE, aws_error
 from worker.core.errors import DispatchFailed, RetryableError, TransientAwsError, WorkerError
 from worker.core.fetch import Fetcher
 from worker.core.log import get_logger
@@ -68,10 +67,7 @@ FAN_OUT = 8  # requests of a step in flight at once
 
 def _aws_error(what: str, exc: BaseException) -> WorkerError:
     """An AWS failure as the error it is: transient (resume later) or not."""
-    cause = error_code(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}"
-    if is_transient(exc):
-        return TransientAwsError(f"{what}: {cause}")
-    return DispatchFailed(f"{what}: {cause}"[:1000])
+    return aws_error(what, exc, DispatchFailed)
 
 
 async def fan_out(

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
-from botocore.exceptions import ClientError
 from pydantic import ValidationError
 
-from worker.core.aws import ANY_AWS_FAILURE, error_code, is_transient
-from worker.core.errors import DispatchFailed, ObjectTooLarge, TransientAwsError
+from worker.core.aws import ANY_AWS_FAILURE, aws_error
+from worker.core.errors import DispatchFailed, ObjectTooLarge
 from worker.core.fetch import Fetcher, read_body, shown
 from worker.ledger.models import MANIFESTS, Manifest, ManifestFile, split_s3_uri
 
@@ -90,7 +89,4 @@ async def _s3_body(s3: S3Client, url: str, limit: int, what: str) -> bytes:
         async with response["Body"] as stream:
             return bytes(await stream.read())
     except ANY_AWS_FAILURE as exc:
-        code = error_code(exc) if isinstance(exc, ClientError) else type(exc).__name__
-        if is_transient(exc):
-            raise TransientAwsError(f"cannot read {what}: {code}") from exc
-        raise DispatchFailed(f"cannot read {what}: {code}") from exc
+        raise aws_error(f"cannot read {what}", exc, DispatchFailed) from exc

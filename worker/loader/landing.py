@@ -29,8 +29,8 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 import aiohttp
 from botocore.exceptions import ClientError
 
-from worker.core.aws import ANY_AWS_FAILURE, error_code, is_transient
-from worker.core.errors import ConfigError, ObjectTooLarge, TransientAwsError, WorkerError
+from worker.core.aws import ANY_AWS_FAILURE, aws_error, error_code
+from worker.core.errors import ConfigError, ObjectTooLarge, WorkerError
 from worker.core.fetch import CHUNK, Fetcher, shown
 from worker.core.log import get_logger
 from worker.loader.verify import Digests, Expected
@@ -140,13 +140,11 @@ def _ascii(url: str) -> str:
 
 
 def _landing_error(bucket: str, call: str, exc: BaseException) -> WorkerError:
-    code = error_code(exc) if isinstance(exc, ClientError) else f"{type(exc).__name__}: {exc}"
-    if is_transient(exc):
-        return TransientAwsError(f"landing bucket {bucket}: {call} failed: {code}")
-    return ConfigError(
-        f"landing bucket {bucket}: {call} failed: {code} (check LANDING_BUCKET and its grants)",
-        variable="LANDING_BUCKET",
-    )
+    def refused(message: str) -> WorkerError:
+        return ConfigError(f"{message} (check LANDING_BUCKET and its grants)",
+                           variable="LANDING_BUCKET")  # fmt: skip
+
+    return aws_error(f"landing bucket {bucket}: {call} failed", exc, refused)
 
 
 class _Upload:
