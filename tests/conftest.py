@@ -152,6 +152,12 @@ def settings(prefix: str, write_path: WritePath) -> Settings:
     )
 
 
+def window_alone(settings: Settings) -> Settings:
+    """WRITE_PACE=window, for tests whose refusals are drawn at random whatever
+    the rate: those hold a table's pace low, as a fleet's would (writer.py)."""
+    return dataclasses.replace(settings, write=dataclasses.replace(settings.write, pace="window"))
+
+
 @pytest.fixture
 def s3(moto: str) -> Any:
     client = boto3.client("s3", endpoint_url=moto)

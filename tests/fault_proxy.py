@@ -6,6 +6,10 @@ It behaves as DynamoDB does under load, which moto does not:
 - returns a configurable fraction of items as UnprocessedItems (only the rest
   reach the upstream);
 - throttles a configurable fraction of whole requests;
+- or, with ``capacity`` set, writes at most that many items a second (a token
+  bucket holding one second's worth): what does not fit comes back as
+  UnprocessedItems, and a request none of whose items fit is throttled, so
+  refusals follow the rate sent, as DynamoDB's do;
 - optionally delays every request.
 It runs its own event loop in a thread, so sync and async tests can share it.
 ``ForwardingProxy`` is the shared part, also used for S3 faults.
@@ -127,6 +131,8 @@ class FaultProxy(ForwardingProxy):
         self.throttle_fraction = 0.0
         self.throttle_targets = {"BatchWriteItem"}  # operations the throttle applies to
         self.latency_s = 0.0
+        self.capacity = 0.0  # items a second; 0: unlimited
+        self._tokens, self._filled = 0.0, 0.0
         self.stats = ProxyStats()
         self.key_names: dict[str, list[str]] = {}
         self._random = random.Random(seed)
@@ -171,12 +177,17 @@ class FaultProxy(ForwardingProxy):
         if self._random.random() < self.throttle_fraction:
             stats.throttled += 1
             return _throttled()
+        fits = self._fits(count)
+        if fits == 0:
+            stats.throttled += 1
+            return _throttled()
         kept: dict[str, list[Any]] = {}
         unprocessed: dict[str, list[Any]] = {}
         for table, requests in items.items():
             for put in requests:
-                side = unprocessed if self._random.random() < self.unprocessed_fraction else kept
-                side.setdefault(table, []).append(put)
+                refused = fits == 0 or self._random.random() < self.unprocessed_fraction
+                fits -= not refused
+                (unprocessed if refused else kept).setdefault(table, []).append(put)
         if kept:
             forwarded = sum(len(r) for r in kept.values())
             body = orjson.dumps({**doc, "RequestItems": kept})
@@ -189,6 +200,19 @@ class FaultProxy(ForwardingProxy):
             body=orjson.dumps({"UnprocessedItems": unprocessed}),
             content_type="application/x-amz-json-1.0",
         )
+
+    def _fits(self, count: int) -> int:
+        """How many of ``count`` items the table's capacity takes now."""
+        if not self.capacity:
+            return count
+        now = asyncio.get_running_loop().time()
+        if not self._filled:
+            self._tokens, self._filled = self.capacity, now
+        self._tokens = min(self.capacity, self._tokens + (now - self._filled) * self.capacity)
+        self._filled = now
+        fits = min(count, int(self._tokens))
+        self._tokens -= fits
+        return fits
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from tests import factories as f
-from tests.conftest import BUCKET, scan
+from tests.conftest import BUCKET, scan, window_alone
 from tests.fault_proxy import FaultProxy
 from worker.core.aws import Clients
 from worker.core.config import Settings
@@ -103,7 +103,8 @@ async def test_the_last_row_of_a_key_wins_across_slices_and_never_races_an_earli
         proxy.unprocessed_fraction, proxy.latency_s = 0.3, 0.002
         monkeypatch.setenv("AWS_ENDPOINT_URL_DYNAMODB", proxy.url)
         async with Clients(max_in_flight=8) as clients:
-            summary = await Loader(settings, clients).load(ObjectRef(BUCKET, "dups.pb"))
+            loader = Loader(window_alone(settings), clients)
+            summary = await loader.load(ObjectRef(BUCKET, "dups.pb"))
     assert summary.ok, summary.error
     assert proxy.stats.items_unprocessed > 0 and proxy.overlaps == []
     items = scan(boto3.client("dynamodb", endpoint_url=moto), f"{settings.schema_prefix}_d")

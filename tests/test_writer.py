@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests import factories as f
-from tests.conftest import BUCKET, scan
+from tests.conftest import BUCKET, scan, window_alone
 from tests.fault_proxy import FaultProxy
 from worker.core.aws import Clients
 from worker.core.config import Settings
@@ -50,7 +50,7 @@ async def test_under_30pct_unprocessed_and_10pct_throttles_every_row_lands_exact
     proxy.unprocessed_fraction, proxy.throttle_fraction = 0.3, 0.1
     rows: list[list[Any]] = [[f"r{i}", i, float(i) / 7] for i in range(3000)]
     s3.put_object(Bucket=BUCKET, Key="load.pb", Body=f.output_file(("t", ["id", "n", "x"], rows)))
-    summary = await Loader(settings, clients).load(ObjectRef(BUCKET, "load.pb"))
+    summary = await Loader(window_alone(settings), clients).load(ObjectRef(BUCKET, "load.pb"))
     assert summary.ok, summary.error
     assert proxy.stats.rejected == [] and proxy.stats.bad_signatures == []
     assert proxy.stats.max_batch <= 25
@@ -62,11 +62,26 @@ async def test_under_30pct_unprocessed_and_10pct_throttles_every_row_lands_exact
     assert table.write.retries > 0 and table.write.throttled_requests == proxy.stats.throttled
 
 
+async def test_at_a_tables_capacity_the_pace_engages_and_every_row_lands_exactly_once(
+    proxy: FaultProxy, settings: Settings, clients: Clients, s3: Any, ddb: Any, prefix: str
+) -> None:
+    proxy.capacity = 1000  # items a second: refusals follow the rate, as DynamoDB's do
+    rows: list[list[Any]] = [[f"r{i}", i] for i in range(4000)]
+    s3.put_object(Bucket=BUCKET, Key="full.pb", Body=f.output_file(("t", ["id", "n"], rows)))
+    loader = Loader(settings, clients)
+    summary = await loader.load(ObjectRef(BUCKET, "full.pb"))
+    assert summary.ok, summary.error
+    assert proxy.stats.items_forwarded == len(rows) and proxy.stats.rejected == []
+    assert sorted(i["id"]["S"] for i in scan(ddb, f"{prefix}_t")) == sorted(r[0] for r in rows)
+    assert proxy.stats.throttled + proxy.stats.items_unprocessed > 0
+    assert loader.writer.paces[f"{prefix}_t"].rate is not None  # engaged by the throttles
+
+
 async def test_the_window_shrinks_under_throttling_and_recovers_after(
     proxy: FaultProxy, settings: Settings, batch_writes: BatchWriteClient, prefix: str
 ) -> None:
     create_table(f"{prefix}_w")
-    writer = BatchWriter(batch_writes, settings.write)
+    writer = BatchWriter(batch_writes, window_alone(settings).write)
     assert writer.window.limit == settings.write.max_in_flight
     proxy.throttle_fraction = 0.6
     await writer.write(f"{prefix}_w", items(1000))

@@ -113,7 +113,7 @@ class WriteSettings:
     """How the batch writer paces itself (ARCHITECTURE.md, "Writing")."""
 
     path: WritePath = "fast"
-    pace: WritePace = "window"  # adaptive: a send rate per table, set by its throttles
+    pace: WritePace = "adaptive"  # a send rate per table from its throttles; window: none
     max_in_flight: int = 32
     backoff: Backoff = WRITE_BACKOFF
 

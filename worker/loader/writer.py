@@ -16,15 +16,14 @@
   (one hot partition) are only resent, since shrinking the shared window for
   them would slow every other table. Every clean response grows the window by
   about one request per window's worth of successes.
-- With ``WRITE_PACE=adaptive`` a table that throttles also gets a send rate
-  (``Pace``): from its first throttle on, each request of the process to that
-  table takes its turn at a rate that follows the throttles (CUBIC:
-  0.7x the measured rate on a throttle, then a cubic climb back past it),
-  botocore's adaptive retry mode, per table. The window alone cannot go below
-  one request per round trip, so many processes on one table keep sending far
-  more than it takes (``benchmarks.fleet``); a rate can (down to one request
-  every 20 s). Not the default: throttles that come whatever the rate
-  (a hot partition, the fault proxy's random ones) drive it down to its floor.
+- Each table also gets a send rate (``Pace``, ``WRITE_PACE=adaptive``, the
+  default) from its first throttle on: the window cannot go below one request
+  per round trip, so many processes on one table would keep sending far more
+  than it takes (``benchmarks.fleet``); a rate can, down to one request every
+  20 s. It falls on each throttle and climbs with time, so a fleet shares the
+  table fairly. The price: refusals that come whatever the rate (the fault
+  proxy's random ones) hold it low, as a fleet's would; ``WRITE_PACE=window``
+  keeps the window alone, for one process that owns its table.
 - A chunk fails only after ``max_attempts`` attempts in a row that wrote
   nothing: an attempt that writes some of its items starts the count again,
   so a slow table, fairly shared, never exhausts a message that progresses.
@@ -60,7 +59,6 @@ if TYPE_CHECKING:
     from worker.loader.ddb_http import BatchWriteClient
 
 BATCH_SIZE = 25
-PACE_SHARE = 0.2  # a response refusing this share of its items slows the table's pace
 
 
 class Window:
@@ -100,14 +98,6 @@ class Window:
     def on_success(self) -> None:
         self._limit = min(float(self.maximum), self._limit + 1.0 / self._limit)
         self._wake()
-
-    def new_round(self, epoch: int) -> bool:
-        """Start a new round trip without halving (a signal for a table's pace):
-        whether ``epoch`` was the current one."""
-        if epoch != self._epoch:
-            return False
-        self._epoch += 1
-        return True
 
     def on_throttle(self, epoch: int) -> bool:
         """Halve the window, once per round trip: later echoes of it are ignored.
@@ -161,18 +151,30 @@ class _LoopClock:
 
 
 class Pace:
-    """One table's send rate, set by its throttles, as botocore's adaptive retry
-    mode sets a client's (its CUBIC calculator and rate clock); off until the
-    first throttle. Requests take turns: each is sent ``1 / rate`` after the one
-    before, at the rate of the moment (a long wait looks again every
-    ``RECHECK_S``), so a rate cut in a burst of throttles never books sends far
-    ahead, and no burst follows a pause."""
+    """One table's send rate, set by its throttles with botocore's CUBIC calculator
+    (as its adaptive retry mode sets a client's), off until the first throttle
+    that comes after a rate has been measured.
+
+    1. Requests take turns: each is sent ``gap / rate`` after the one before, at
+       the rate of the moment, ``gap`` drawn from 0.5 to 1.5: without it the
+       writers of a fleet that started together stay in step, and the same
+       ones lose every race for the table's capacity.
+    2. The rate falls on the first throttle of a round trip, to 0.7x the rate
+       measured, and climbs with the time since, looked at every ``RECHECK_S``
+       while a request waits for its turn. Growth follows time, not answers: a
+       writer the fleet has slowed to one request in seconds climbs back as
+       fast as one sending hundreds. (botocore grows per answer, bounded by
+       twice the rate measured, so there the slow stay slow: at 1,000 writers
+       a fairness of 0.2.)
+    3. It climbs only while requests wait: a process that sends less than its
+       rate allows does not earn a higher one.
+    """
 
     MIN_RATE = 0.05  # requests a second: a fleet's share can be below botocore's 0.5
-    SCALE = 2.0  # never above twice the rate measured (botocore's bound)
     RECHECK_S = 0.5
 
-    def __init__(self) -> None:
+    def __init__(self, jitter: Callable[[], float] = random.random) -> None:
+        self._jitter = jitter
         self._clock = _LoopClock()
         self._clocker = RateClocker(self._clock)
         self._cubic = CubicCalculator(starting_max_rate=0, start_time=self._clock.current_time())
@@ -185,25 +187,24 @@ class Pace:
         if self.rate is None:
             return
         async with self._turn:
+            gap = 0.5 + self._jitter()  # in units of 1 / rate: a fleet never moves in step
             while self.rate is not None:
-                delay = self._last + 1.0 / self.rate - self._clock.current_time()
+                delay = self._last + gap / self.rate - self._clock.current_time()
                 if delay <= 0:
                     break
                 await asyncio.sleep(min(delay, self.RECHECK_S))
+                climbed = self._cubic.success_received(self._clock.current_time())
+                self.rate = max(self.rate, climbed)
             self._last = self._clock.current_time()
 
     def answered(self, *, throttled: bool) -> None:
         """One response: the first throttle of its round trip, or not."""
         measured = self._clocker.record()
+        if not throttled or (self.rate is None and not measured):
+            return  # a throttle before any rate is measured only halves the window
+        sent = measured if self.rate is None else min(measured, self.rate)
         now = self._clock.current_time()
-        if self.rate is None and not (throttled and measured):
-            return  # not engaged; a throttle before any rate is measured only halves the window
-        if throttled:
-            sent = measured if self.rate is None else min(measured, self.rate)
-            rate = self._cubic.error_received(sent, now)
-        else:
-            rate = self._cubic.success_received(now)
-        self.rate = max(self.MIN_RATE, min(rate, self.SCALE * measured))
+        self.rate = max(self.MIN_RATE, self._cubic.error_received(sent, now))
 
 
 @dataclass(slots=True)
@@ -314,7 +315,7 @@ class BatchWriter:
     def _pace(self, table: str) -> Pace | None:
         if self._settings.pace != "adaptive":
             return None
-        return self.paces.get(table) or self.paces.setdefault(table, Pace())
+        return self.paces.get(table) or self.paces.setdefault(table, Pace(self._jitter))
 
     async def _attempt(
         self,
@@ -358,12 +359,9 @@ class BatchWriter:
 
     def _refused(self, table: str, refused: int, sent: int, slot: Slot, pace: Pace | None) -> None:
         """What a response's unprocessed items say: mostly refused, the table is at
-        capacity (the window halves); a fifth or more, the table's pace slows."""
-        fresh = False
-        if refused and 2 * refused >= sent:
-            fresh = self._throttled(table, slot)
-        elif pace is not None and refused and refused >= PACE_SHARE * sent:
-            fresh = self.window.new_round(slot.epoch)
+        capacity (a throttle); a few, one hot partition (only resent)."""
+        mostly = refused > 0 and 2 * refused >= sent
+        fresh = self._throttled(table, slot) if mostly else False
         if pace is not None:
             pace.answered(throttled=fresh)
 
