@@ -66,3 +66,14 @@ def test_the_lake_benchmark_runs_small() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "3,000 changes over 200 keys" in done.stdout and "with maintain" in done.stdout
+
+
+def test_the_encode_benchmark_runs_small_and_prints_the_floor_under_the_encoder() -> None:
+    from benchmarks.encode import floor_per_row
+    from worker.entry.sample import sample_file
+
+    assert floor_per_row(sample_file(rows=50, tables=2).SerializeToString()) > 0
+    done = subprocess.run([sys.executable, "-m", "benchmarks.encode", "--rows", "500"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "500 rows, N key: dict path" in done.stdout and "upb reads alone" in done.stdout

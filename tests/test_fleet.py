@@ -162,6 +162,19 @@ def test_a_request_mostly_refused_engages_the_tables_pace_and_a_few_items_do_not
     assert (rate is not None) is paced
 
 
+def test_most_of_a_small_resend_refused_is_not_a_throttle() -> None:
+    """Two items sent, one refused: chance or a hot partition, not a table at capacity."""
+
+    async def main() -> tuple[int, float | None]:
+        writer = BatchWriter(Refusing_share(0.5), ADAPTIVE, sleep=asyncio.sleep)
+        for _ in range(40):  # 2 s and more of requests: a measured rate
+            await writer.write("t", [{"id": {"S": "a"}}, {"id": {"S": "b"}}])
+        return writer.throttles, writer.paces["t"].rate
+
+    throttles, rate = on_virtual_time(main)
+    assert throttles == 0 and rate is None
+
+
 def test_a_rate_that_recovers_is_used_by_requests_already_waiting() -> None:
     """A burst of cuts must not book sends far ahead: waiting requests go at the
     rate of the moment, looked at again every RECHECK_S."""

@@ -10,12 +10,13 @@
   table never queues more than the window's worth of work.
 - UnprocessedItems, throttling exceptions, 5xx and connection errors resend
   only what was not written, after exponential backoff with full jitter (see
-  the last point for when a chunk gives up). A throttling error, or a response that leaves at
-  least half its items unprocessed (DynamoDB's way of saying the table is at
-  capacity), halves the window, once per round trip; a few unprocessed items
-  (one hot partition) are only resent, since shrinking the shared window for
-  them would slow every other table. Every clean response grows the window by
-  about one request per window's worth of successes.
+  the last point for when a chunk gives up). A throttling error, or a response
+  that leaves unprocessed at least half of a full request (13 items: DynamoDB's
+  way of saying the table is at capacity), halves the window, once per round
+  trip; a few unprocessed items (one hot partition) are only resent, since
+  shrinking the shared window for them would slow every other table. Every
+  clean response grows the window by about one request per window's worth of
+  successes.
 - Each table also gets a send rate (``Pace``, ``WRITE_PACE=adaptive``, the
   default) from its first throttle on: the window cannot go below one request
   per round trip, so many processes on one table would keep sending far more
@@ -172,12 +173,15 @@ class Pace:
 
     MIN_RATE = 0.05  # requests a second: a fleet's share can be below botocore's 0.5
     RECHECK_S = 0.5
+    CLIMB = 0.1  # CUBIC's scale constant, requests a second per second cubed
 
     def __init__(self, jitter: Callable[[], float] = random.random) -> None:
         self._jitter = jitter
         self._clock = _LoopClock()
         self._clocker = RateClocker(self._clock)
-        self._cubic = CubicCalculator(starting_max_rate=0, start_time=self._clock.current_time())
+        self._cubic = CubicCalculator(
+            starting_max_rate=0, start_time=self._clock.current_time(), scale_constant=self.CLIMB
+        )
         self.rate: float | None = None  # requests a second; None: not engaged
         self._last = float("-inf")  # when the last request was sent
         self._turn = asyncio.Lock()
@@ -358,9 +362,12 @@ class BatchWriter:
         return [request["PutRequest"]["Item"] for request in left]
 
     def _refused(self, table: str, refused: int, sent: int, slot: Slot, pace: Pace | None) -> None:
-        """What a response's unprocessed items say: mostly refused, the table is at
-        capacity (a throttle); a few, one hot partition (only resent)."""
-        mostly = refused > 0 and 2 * refused >= sent
+        """What a response's unprocessed items say: most of a request refused, the
+        table is at capacity (a throttle); a few, or most of a small resend, a
+        hot partition or chance (only resent: a resend of two items that loses
+        one says little, and taken as a throttle it held the pace of a table
+        refusing a fifth of its items at random near one request a second)."""
+        mostly = 2 * refused >= max(sent, BATCH_SIZE)
         fresh = self._throttled(table, slot) if mostly else False
         if pace is not None:
             pace.answered(throttled=fresh)
