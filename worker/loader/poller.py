@@ -329,14 +329,14 @@ class Poller:
             self._emit_contention()
 
     def _emit_contention(self) -> None:
-        """Per table that throttled: its throttles since the last summary and, with
-        WRITE_PACE=adaptive, the rate this process sends at (requests a second)."""
+        """Per table that throttled: its throttles since the last summary and, once
+        its pace is engaged, the rate this process sends at (requests a second)."""
         writer = self._loader.writer
+        rates = writer.pace_rates()
         for table, count in writer.table_throttles.items():
             values = {"Throttles": float(count - self._throttles_seen.get(table, 0))}
-            pace = writer.paces.get(table)
-            if pace is not None and pace.rate is not None:
-                values["PaceRate"] = round(pace.rate, 2)
+            if table in rates:
+                values["PaceRate"] = rates[table]
             emit_metrics({"Service": "loader", "Table": table}, **values)
         self._throttles_seen = dict(writer.table_throttles)
 
@@ -355,7 +355,7 @@ class Poller:
             window_decreases=writer.window.decreases,
             throttles=writer.throttles,
             table_throttles=dict(writer.table_throttles),
-            paces={t: round(p.rate, 2) for t, p in writer.paces.items() if p.rate is not None},
+            paces=writer.pace_rates(),
             **extra,
         )
 

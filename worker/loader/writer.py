@@ -238,8 +238,7 @@ class BatchWriter:
         self._settings = settings
         self.window = window or Window(settings.max_in_flight)
         self.progress: Counter[str] = Counter()  # items written per table, for displays
-        self.throttles = 0  # throttled requests and mostly-refused responses, in all
-        self.table_throttles: Counter[str] = Counter()  # the same, per table
+        self.table_throttles: Counter[str] = Counter()  # throttles and mostly refused, per table
         self.paces: dict[str, Pace] = {}  # WRITE_PACE=adaptive: each table's rate
         self._sleep = sleep
         self._jitter = jitter
@@ -248,6 +247,15 @@ class BatchWriter:
     def written(self) -> int:
         """Items written in all, counted as each response arrives."""
         return sum(self.progress.values())
+
+    @property
+    def throttles(self) -> int:
+        """Throttled requests and mostly refused responses, in all."""
+        return sum(self.table_throttles.values())
+
+    def pace_rates(self) -> dict[str, float]:
+        """Each engaged table's send rate, requests a second (for summaries)."""
+        return {t: round(p.rate, 2) for t, p in self.paces.items() if p.rate is not None}
 
     async def write(
         self,
@@ -374,7 +382,6 @@ class BatchWriter:
 
     def _throttled(self, table: str, slot: Slot) -> bool:
         """Count a throttle and halve the window: whether it was the round trip's first."""
-        self.throttles += 1
         self.table_throttles[table] += 1
         return self.window.on_throttle(slot.epoch)
 
